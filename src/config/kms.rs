@@ -70,6 +70,24 @@ pub struct KmsSettings {
     pub signature: SignatureAlgorithm,
 }
 
+impl Default for KmsSettings {
+    /// An absent `[kms]` section: region/endpoint unset (the admin CLI and the broker report
+    /// that when they need KMS), the credentials chain, the default deadline.
+    fn default() -> Self {
+        KmsSettings {
+            region: None,
+            network: Network::default(),
+            endpoint: None,
+            credentials: CredentialSource::default(),
+            credentials_file: None,
+            ram_role: None,
+            deadline_ms: DEFAULT_KMS_DEADLINE_MS,
+            ca_file: None,
+            signature: SignatureAlgorithm::default(),
+        }
+    }
+}
+
 fn default_deadline_ms() -> u64 {
     DEFAULT_KMS_DEADLINE_MS
 }

@@ -1,0 +1,797 @@
+//! One onward `ssh` run: its argv and environment (pure, tested), the classification of its
+//! log lines, and the run itself with the credential served from memory.
+//!
+//! ssh's own log goes (`-E`) to a FIFO in the request's private directory, read by the
+//! broker; its stdout/stderr are the engineer's descriptors, so after authentication the
+//! remote output flows straight through and nothing of ssh's own chatter reaches the engineer.
+//!
+//! Retrying with ACSPrevious is safe: ssh reads stdin only once the session channel is open,
+//! which is after user authentication, so a rejected first attempt has consumed nothing.
+
+use super::failure::OnwardError;
+use crate::agent;
+use crate::secret::{Credential, TargetSecret};
+use crate::session::{Request, RequestKind};
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Environment variable that puts the broker binary in askpass mode (set only in the onward
+/// ssh's environment): the path of the askpass socket.
+pub const ASKPASS_ENV: &str = "KMSBASTION_ASKPASS";
+
+/// `TERM` values passed on: `[A-Za-z0-9._+-]{1,64}`, else `dumb`.
+pub fn validated_term(term: Option<&str>) -> String {
+    match term {
+        Some(t)
+            if !t.is_empty()
+                && t.len() <= 64
+                && t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b)) =>
+        {
+            t.to_owned()
+        }
+        _ => "dumb".to_owned(),
+    }
+}
+
+/// A host name or address safe as an ssh destination (no `@`, no leading `-`, no spaces).
+pub fn valid_destination(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && !s.starts_with('-')
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".:-_".contains(&b))
+}
+
+/// `known_hosts` content pinning `keys` under `alias`; only `type base64` is kept of each.
+pub fn known_hosts(alias: &str, keys: &[String]) -> String {
+    let mut out = String::new();
+    for k in keys {
+        let mut it = k.split_ascii_whitespace();
+        if let (Some(kt), Some(b64)) = (it.next(), it.next()) {
+            out.push_str(&format!("{alias} {kt} {b64}\n"));
+        }
+    }
+    out
+}
+
+/// `SHA256:…` of a pinned `type base64 [comment]` line, as ssh prints fingerprints.
+pub fn pinned_fingerprint(key: &str) -> Option<String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let b64 = key.split_ascii_whitespace().nth(1)?;
+    let blob = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let digest = sha2::Sha256::digest(&blob);
+    Some(format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    ))
+}
+
+/// How the credential is offered to ssh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOptions {
+    /// Agent socket and public key file.
+    Key { agent: PathBuf, public_key: PathBuf },
+    /// Password through askpass.
+    Password,
+}
+
+/// Everything that decides the ssh argv.
+#[derive(Debug, Clone)]
+pub struct SshPlan<'a> {
+    pub request: &'a Request,
+    pub account: &'a str,
+    pub alias: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub known_hosts: &'a Path,
+    pub log: &'a Path,
+    pub connect_timeout_s: u32,
+    pub auth: AuthOptions,
+}
+
+fn opt(args: &mut Vec<OsString>, kv: String) {
+    args.push("-o".into());
+    args.push(kv.into());
+}
+
+/// argv\[1..\] of the onward ssh. No user configuration, pinned host key, no forwarding of
+/// any kind, and the engineer's command as ONE argument after `--` and the destination (ssh
+/// sends it verbatim to the target's shell; nothing on the jump host interprets it).
+pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
+    if !valid_destination(p.address) {
+        return Err(format!("host address {:?} is not usable as an ssh destination", p.address));
+    }
+    let mut a: Vec<OsString> = vec!["-F".into(), "none".into(), "-e".into(), "none".into()];
+    a.push("-E".into());
+    a.push(p.log.as_os_str().to_owned());
+    for kv in [
+        "LogLevel=VERBOSE".to_owned(),
+        format!("UserKnownHostsFile={}", p.known_hosts.display()),
+        "GlobalKnownHostsFile=/dev/null".to_owned(),
+        "StrictHostKeyChecking=yes".to_owned(),
+        "CheckHostIP=no".to_owned(),
+        format!("HostKeyAlias={}", p.alias),
+        "UpdateHostKeys=no".to_owned(),
+        "VerifyHostKeyDNS=no".to_owned(),
+        "ClearAllForwardings=yes".to_owned(),
+        "ForwardAgent=no".to_owned(),
+        "ForwardX11=no".to_owned(),
+        "ForwardX11Trusted=no".to_owned(),
+        "Tunnel=no".to_owned(),
+        "PermitLocalCommand=no".to_owned(),
+        "ProxyCommand=none".to_owned(),
+        "ProxyJump=none".to_owned(),
+        "ControlMaster=no".to_owned(),
+        "ControlPath=none".to_owned(),
+        "AddKeysToAgent=no".to_owned(),
+        "HashKnownHosts=no".to_owned(),
+        format!("ConnectTimeout={}", p.connect_timeout_s),
+        "ServerAliveInterval=30".to_owned(),
+        "BatchMode=no".to_owned(),
+    ] {
+        opt(&mut a, kv);
+    }
+    match &p.auth {
+        AuthOptions::Key { agent, public_key } => {
+            opt(&mut a, format!("IdentityAgent={}", agent.display()));
+            opt(&mut a, format!("IdentityFile={}", public_key.display()));
+            opt(&mut a, "IdentitiesOnly=yes".into());
+            opt(&mut a, "PreferredAuthentications=publickey".into());
+            opt(&mut a, "PubkeyAuthentication=yes".into());
+            opt(&mut a, "PasswordAuthentication=no".into());
+            opt(&mut a, "KbdInteractiveAuthentication=no".into());
+        }
+        AuthOptions::Password => {
+            opt(&mut a, "IdentityAgent=none".into());
+            opt(&mut a, "IdentitiesOnly=yes".into());
+            opt(&mut a, "PubkeyAuthentication=no".into());
+            opt(&mut a, "PreferredAuthentications=password,keyboard-interactive".into());
+            opt(&mut a, "NumberOfPasswordPrompts=1".into());
+        }
+    }
+    a.push("-p".into());
+    a.push(p.port.to_string().into());
+    a.push("-l".into());
+    a.push(p.account.into());
+    a.push(if p.request.pty { "-tt" } else { "-T" }.into());
+    if p.request.kind == RequestKind::Subsystem {
+        a.push("-s".into());
+    }
+    a.push("--".into());
+    a.push(p.address.into());
+    match p.request.kind {
+        RequestKind::Shell => {}
+        RequestKind::Exec | RequestKind::Subsystem => {
+            if p.request.command.contains(&0) {
+                return Err("the command contains a NUL byte".into());
+            }
+            a.push(OsString::from_vec(p.request.command.clone()));
+        }
+    }
+    Ok(a)
+}
+
+/// What one line of ssh's log means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    Authenticated,
+    PermissionDenied,
+    HostKeyFailure,
+    /// `SHA256:…` of the key the target presented (ssh prints it on a mismatch).
+    PresentedFingerprint(String),
+    /// A connection-level error worth showing the engineer.
+    ConnectError(String),
+    Other,
+}
+
+/// Classify one log line of `ssh -o LogLevel=VERBOSE`.
+pub fn classify_log_line(line: &str) -> LogEvent {
+    let l = line.trim_end_matches(['\r', '\n']).trim();
+    if l.starts_with("Authenticated to ") {
+        LogEvent::Authenticated
+    } else if l.contains("Permission denied") || l.contains("Too many authentication failures") {
+        LogEvent::PermissionDenied
+    } else if l.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || l.contains("Host key verification failed")
+        || (l.contains("host key is known for") && l.contains("strict checking"))
+    {
+        LogEvent::HostKeyFailure
+    } else if let Some(fp) = l.split_ascii_whitespace().find(|w| w.starts_with("SHA256:")) {
+        if l.starts_with("SHA256:") || l.contains("key sent by the remote host") {
+            LogEvent::PresentedFingerprint(fp.trim_end_matches('.').to_owned())
+        } else {
+            LogEvent::Other
+        }
+    } else if l.contains("Connection refused")
+        || l.contains("Connection timed out")
+        || l.contains("Could not resolve hostname")
+        || l.contains("No route to host")
+        || l.contains("Network is unreachable")
+        || l.starts_with("Connection closed by")
+        || l.starts_with("Connection reset by")
+        || l.contains("kex_exchange_identification")
+        || l.starts_with("Unable to negotiate")
+    {
+        LogEvent::ConnectError(l.trim_start_matches("ssh: ").to_owned())
+    } else {
+        LogEvent::Other
+    }
+}
+
+/// What the log said by the time ssh ended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LogSummary {
+    pub authenticated: bool,
+    pub denied: bool,
+    pub host_key_failed: bool,
+    pub presented: Option<String>,
+    pub connect_error: Option<String>,
+}
+
+impl LogSummary {
+    /// Fold one line in; returns true when authentication is decided (either way).
+    pub fn absorb(&mut self, line: &str) -> bool {
+        match classify_log_line(line) {
+            LogEvent::Authenticated => {
+                self.authenticated = true;
+                true
+            }
+            LogEvent::PermissionDenied => {
+                self.denied = true;
+                true
+            }
+            LogEvent::HostKeyFailure => {
+                self.host_key_failed = true;
+                true
+            }
+            LogEvent::PresentedFingerprint(fp) => {
+                if !self.authenticated {
+                    self.presented = Some(fp);
+                }
+                false
+            }
+            LogEvent::ConnectError(e) => {
+                if !self.authenticated {
+                    self.connect_error = Some(e);
+                }
+                false
+            }
+            LogEvent::Other => false,
+        }
+    }
+}
+
+/// The result of one attempt.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Authenticated; the session ran and ssh exited with this status.
+    Done { status: u8 },
+    /// The target rejected the credential (nothing of the engineer's stdin was read).
+    Rejected,
+    /// Anything else: final.
+    Failed(OnwardError),
+}
+
+/// The ssh process of a request, shared with the thread that forwards window changes and
+/// hangups. The pid is cleared (under the lock) in the same step that reaps the child, so a
+/// signal can never reach a recycled pid.
+#[derive(Debug, Default)]
+pub struct ChildSlot {
+    pid: Mutex<Option<i32>>,
+    /// Set by a hangup: do not start (another) ssh.
+    pub cancelled: AtomicBool,
+}
+
+impl ChildSlot {
+    /// Send `sig` to the running ssh, if any.
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Ok(guard) = self.pid.lock() {
+            if let Some(pid) = *guard {
+                // SAFETY: `pid` is our unreaped child (cleared under this lock when reaped).
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+    }
+}
+
+/// Fixed inputs of an attempt.
+pub struct AttemptContext<'a> {
+    pub ssh: &'a Path,
+    pub askpass_program: &'a Path,
+    pub dir: &'a Path,
+    pub alias: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub account: &'a str,
+    pub host_keys: &'a [String],
+    pub connect_timeout_s: u32,
+    pub request: &'a Request,
+    /// The engineer's stdin, stdout, stderr.
+    pub fds: &'a [OwnedFd; 3],
+    pub slot: &'a ChildSlot,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Attempt {
+    Attempt::Failed(OnwardError::Internal(format!("{what}: {e}")))
+}
+
+fn mkfifo(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("NUL in path"))?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Run ssh once with `secret`. `dir` is a fresh private (0700) directory for this attempt.
+pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
+    let kh = cx.dir.join("known_hosts");
+    if let Err(e) = fs::write(&kh, known_hosts(cx.alias, cx.host_keys)) {
+        return internal("writing known_hosts", e);
+    }
+    let log = cx.dir.join("ssh.log");
+    if let Err(e) = mkfifo(&log) {
+        return internal("mkfifo", e);
+    }
+    // Read end first (non-blocking open), then our own write end so that EOF only comes once
+    // ssh has exited and we let go of ours.
+    let log_r = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&log)
+    {
+        Ok(f) => f,
+        Err(e) => return internal("opening the ssh log", e),
+    };
+    let log_w = match fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&log)
+    {
+        Ok(f) => f,
+        Err(e) => return internal("opening the ssh log", e),
+    };
+    if let Err(e) = set_blocking(&log_r) {
+        return internal("ssh log", e);
+    }
+
+    let ssh_pid = Arc::new(AtomicI32::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (auth, cred_thread) = match secret.credential {
+        Credential::Key(key) => {
+            let agent_path = cx.dir.join("agent.sock");
+            let pub_path = cx.dir.join("id.pub");
+            if let Err(e) = fs::write(&pub_path, format!("{}\n", key.public_key_openssh())) {
+                return internal("writing the public key", e);
+            }
+            let listener = match UnixListener::bind(&agent_path) {
+                Ok(l) => l,
+                Err(e) => return internal("agent socket", e),
+            };
+            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&stop));
+            let t = std::thread::spawn(move || {
+                let accept = |peer: libc::pid_t| is_child_of(peer, &pid);
+                let r = agent::serve_listener(&listener, key, accept, &stop2);
+                drop(listener);
+                r.map(|s| s.signatures_made > 0).unwrap_or(false)
+            });
+            (
+                AuthOptions::Key {
+                    agent: agent_path,
+                    public_key: pub_path,
+                },
+                t,
+            )
+        }
+        Credential::Password(password) => {
+            let sock = cx.dir.join("askpass.sock");
+            let listener = match UnixListener::bind(&sock) {
+                Ok(l) => l,
+                Err(e) => return internal("askpass socket", e),
+            };
+            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&stop));
+            let t = std::thread::spawn(move || {
+                super::askpass::serve(&listener, password, &pid, &stop2)
+            });
+            (AuthOptions::Password, t)
+        }
+    };
+
+    let plan = SshPlan {
+        request: cx.request,
+        account: cx.account,
+        alias: cx.alias,
+        address: cx.address,
+        port: cx.port,
+        known_hosts: &kh,
+        log: &log,
+        connect_timeout_s: cx.connect_timeout_s,
+        auth: auth.clone(),
+    };
+    let finish_cred = |stop: &AtomicBool| {
+        stop.store(true, Ordering::Release);
+    };
+    let args = match ssh_args(&plan) {
+        Ok(a) => a,
+        Err(e) => {
+            finish_cred(&stop);
+            let _ = cred_thread.join();
+            return Attempt::Failed(OnwardError::Refused(e));
+        }
+    };
+    let mut cmd = Command::new(cx.ssh);
+    cmd.args(&args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", cx.dir)
+        .env("LANG", "C.UTF-8")
+        .env("TERM", validated_term(cx.request.term.as_deref()))
+        .current_dir(cx.dir);
+    if auth == AuthOptions::Password {
+        cmd.env("SSH_ASKPASS", cx.askpass_program)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env(ASKPASS_ENV, cx.dir.join("askpass.sock"));
+    }
+    let stdio: Result<Vec<OwnedFd>, _> = cx.fds.iter().map(OwnedFd::try_clone).collect();
+    let mut stdio = match stdio {
+        Ok(v) => v.into_iter(),
+        Err(e) => {
+            finish_cred(&stop);
+            let _ = cred_thread.join();
+            return internal("duplicating the session descriptors", e);
+        }
+    };
+    if let (Some(i), Some(o), Some(e)) = (stdio.next(), stdio.next(), stdio.next()) {
+        cmd.stdin(Stdio::from(i)).stdout(Stdio::from(o)).stderr(Stdio::from(e));
+    }
+    // SAFETY: the closure only calls prctl, which is async-signal-safe: if the broker thread
+    // waiting for this ssh dies, the kernel kills ssh (no onward session outlives its broker).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            Ok(())
+        });
+    }
+
+    // Start the log reader before ssh so nothing blocks on a full FIFO.
+    let summary = Arc::new(Mutex::new(LogSummary::default()));
+    let (sum2, stop3) = (Arc::clone(&summary), Arc::clone(&stop));
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(log_r);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&line);
+                    let decided = sum2.lock().map(|mut s| s.absorb(&text)).unwrap_or(false);
+                    if decided {
+                        // Authentication is over, either way: let go of the credential.
+                        stop3.store(true, Ordering::Release);
+                    }
+                }
+            }
+        }
+    });
+
+    let started = {
+        let mut guard = match cx.slot.pid.lock() {
+            Ok(g) => g,
+            Err(_) => return internal("child slot", "poisoned"),
+        };
+        if cx.slot.cancelled.load(Ordering::Acquire) {
+            None
+        } else {
+            match cmd.spawn() {
+                Ok(child) => {
+                    let pid = i32::try_from(child.id()).unwrap_or(0);
+                    ssh_pid.store(pid, Ordering::Release);
+                    *guard = Some(pid);
+                    Some(Ok(child))
+                }
+                Err(e) => Some(Err(e)),
+            }
+        }
+    };
+    drop(cmd);
+    let status = match started {
+        None => {
+            finish_cred(&stop);
+            drop(log_w);
+            let _ = cred_thread.join();
+            let _ = reader.join();
+            return Attempt::Failed(OnwardError::Refused("hung up before the connection".into()));
+        }
+        Some(Err(e)) => {
+            finish_cred(&stop);
+            drop(log_w);
+            let _ = cred_thread.join();
+            let _ = reader.join();
+            return internal(&format!("running {}", cx.ssh.display()), e);
+        }
+        Some(Ok(mut child)) => loop {
+            let reaped = {
+                let mut guard = match cx.slot.pid.lock() {
+                    Ok(g) => g,
+                    Err(_) => return internal("child slot", "poisoned"),
+                };
+                match child.try_wait() {
+                    Ok(Some(st)) => {
+                        *guard = None;
+                        Some(st)
+                    }
+                    Ok(None) => None,
+                    Err(_) => {
+                        *guard = None;
+                        None
+                    }
+                }
+            };
+            if let Some(st) = reaped {
+                break st;
+            }
+            if cx.slot.pid.lock().map(|g| g.is_none()).unwrap_or(true) {
+                // try_wait failed: wait blocking (the pid is already cleared).
+                match child.wait() {
+                    Ok(st) => break st,
+                    Err(e) => return internal("waiting for ssh", e),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        },
+    };
+    finish_cred(&stop);
+    drop(log_w);
+    let _ = reader.join();
+    let _ = cred_thread.join();
+    let summary = summary.lock().map(|s| s.clone()).unwrap_or_default();
+    let code = exit_code(status);
+    if summary.authenticated {
+        Attempt::Done { status: code }
+    } else if summary.host_key_failed {
+        Attempt::Failed(OnwardError::HostKey {
+            presented: summary.presented,
+            pinned: cx.host_keys.iter().filter_map(|k| pinned_fingerprint(k)).collect(),
+        })
+    } else if summary.denied {
+        Attempt::Rejected
+    } else {
+        Attempt::Failed(OnwardError::Unreachable {
+            reason: summary
+                .connect_error
+                .unwrap_or_else(|| format!("ssh ended with status {code} before authenticating")),
+        })
+    }
+}
+
+/// ssh's exit status as one byte (128+signal when killed).
+fn exit_code(st: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => u8::try_from(c & 0xff).unwrap_or(255),
+        (None, Some(s)) => u8::try_from((128 + s) & 0xff).unwrap_or(255),
+        _ => 255,
+    }
+}
+
+/// Whether `peer` is a child of the ssh whose pid is in `ssh_pid` (waiting up to 1 s for it
+/// to be known: ssh may in theory connect before `spawn` returned here).
+pub fn is_child_of(peer: libc::pid_t, ssh_pid: &AtomicI32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut want = ssh_pid.load(Ordering::Acquire);
+    while want == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        want = ssh_pid.load(Ordering::Acquire);
+    }
+    want > 0 && (peer == want || agent::parent_pid(peer).ok() == Some(want))
+}
+
+fn set_blocking(f: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Create a fresh private directory (0700) under `parent`.
+pub fn private_dir(parent: &Path, prefix: &str) -> std::io::Result<PathBuf> {
+    for _ in 0..8 {
+        let p = parent.join(format!("{prefix}{:016x}", rand::random::<u64>()));
+        match fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o700))?;
+                return Ok(p);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("could not create a unique directory"))
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// Write `data` to a new file in a private directory (no secret ever goes through here).
+pub fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: RequestKind, pty: bool, cmd: &str) -> Request {
+        Request {
+            kind,
+            pty,
+            term: Some("xterm".into()),
+            command: cmd.as_bytes().to_vec(),
+        }
+    }
+
+    fn plan<'a>(r: &'a Request, auth: AuthOptions) -> SshPlan<'a> {
+        SshPlan {
+            request: r,
+            account: "root",
+            alias: "web-01",
+            address: "127.0.0.2",
+            port: 22,
+            known_hosts: Path::new("/run/k/p/kh"),
+            log: Path::new("/run/k/p/log"),
+            connect_timeout_s: 10,
+            auth,
+        }
+    }
+
+    fn strs(v: &[OsString]) -> Vec<String> {
+        v.iter().map(|s| s.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn exec_args_put_the_command_last_as_one_argument() {
+        let r = req(RequestKind::Exec, false, "-oProxyCommand=id; echo `id` $(id)");
+        let key = AuthOptions::Key {
+            agent: "/run/k/p/agent.sock".into(),
+            public_key: "/run/k/p/id.pub".into(),
+        };
+        let a = strs(&ssh_args(&plan(&r, key)).unwrap());
+        let n = a.len();
+        assert_eq!(&a[n - 3..], ["--", "127.0.0.2", "-oProxyCommand=id; echo `id` $(id)"]);
+        assert_eq!(a[n - 4], "-T");
+        for must in [
+            "StrictHostKeyChecking=yes",
+            "UserKnownHostsFile=/run/k/p/kh",
+            "GlobalKnownHostsFile=/dev/null",
+            "HostKeyAlias=web-01",
+            "ClearAllForwardings=yes",
+            "ForwardAgent=no",
+            "ForwardX11=no",
+            "PermitLocalCommand=no",
+            "ControlPath=none",
+            "IdentityAgent=/run/k/p/agent.sock",
+            "IdentityFile=/run/k/p/id.pub",
+            "IdentitiesOnly=yes",
+            "PasswordAuthentication=no",
+            "LogLevel=VERBOSE",
+        ] {
+            assert!(a.iter().any(|x| x == must), "missing {must}: {a:?}");
+        }
+        assert_eq!(&a[..4], ["-F", "none", "-e", "none"]);
+        let l = a.iter().position(|x| x == "-l").unwrap();
+        assert_eq!(a[l + 1], "root");
+    }
+
+    #[test]
+    fn shell_pty_and_subsystem_args() {
+        let r = req(RequestKind::Shell, true, "");
+        let a = strs(&ssh_args(&plan(&r, AuthOptions::Password)).unwrap());
+        let n = a.len();
+        assert_eq!(&a[n - 3..], ["-tt", "--", "127.0.0.2"]);
+        assert!(a.iter().any(|x| x == "PubkeyAuthentication=no"));
+        assert!(a.iter().any(|x| x == "NumberOfPasswordPrompts=1"));
+        let r = req(RequestKind::Subsystem, false, "sftp");
+        let a = strs(&ssh_args(&plan(&r, AuthOptions::Password)).unwrap());
+        let n = a.len();
+        assert_eq!(&a[n - 5..], ["-T", "-s", "--", "127.0.0.2", "sftp"]);
+    }
+
+    #[test]
+    fn refuses_bad_destinations_and_nul() {
+        let r = req(RequestKind::Exec, false, "id");
+        let mut p = plan(&r, AuthOptions::Password);
+        for bad in ["-oProxyCommand=x", "a@b", "a b", ""] {
+            p.address = bad;
+            assert!(ssh_args(&p).is_err(), "{bad}");
+        }
+        let r = Request {
+            command: b"a\0b".to_vec(),
+            ..req(RequestKind::Exec, false, "")
+        };
+        assert!(ssh_args(&plan(&r, AuthOptions::Password)).is_err());
+    }
+
+    #[test]
+    fn terms() {
+        assert_eq!(validated_term(Some("xterm-256color")), "xterm-256color");
+        assert_eq!(validated_term(Some("screen.xterm+x_1")), "screen.xterm+x_1");
+        assert_eq!(validated_term(Some("xterm$(id)")), "dumb");
+        assert_eq!(validated_term(Some("vt100; rm -rf /")), "dumb");
+        assert_eq!(validated_term(Some(&"a".repeat(65))), "dumb");
+        assert_eq!(validated_term(Some("")), "dumb");
+        assert_eq!(validated_term(None), "dumb");
+    }
+
+    #[test]
+    fn known_hosts_lines() {
+        let kh = known_hosts(
+            "web-01",
+            &["ssh-ed25519 AAAAC3Nz host@x".into(), "garbage".into(), "ssh-rsa AAAAB3 ".into()],
+        );
+        assert_eq!(kh, "web-01 ssh-ed25519 AAAAC3Nz\nweb-01 ssh-rsa AAAAB3\n");
+    }
+
+    #[test]
+    fn pinned_fingerprints_match_ssh_keygen() {
+        // ssh-keygen -lf of this key prints SHA256:… computed over the decoded blob.
+        let k = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let fp = pinned_fingerprint(k).unwrap();
+        assert!(fp.starts_with("SHA256:") && fp.len() == 7 + 43, "{fp}");
+        assert!(pinned_fingerprint("ssh-ed25519 !!!").is_none());
+    }
+
+    #[test]
+    fn log_classification() {
+        let cases = [
+            ("Authenticated to web-01 ([127.0.0.2]:22) using \"publickey\".\r\n", LogEvent::Authenticated),
+            ("root@127.0.0.2: Permission denied (publickey).", LogEvent::PermissionDenied),
+            ("@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @", LogEvent::HostKeyFailure),
+            ("Host key verification failed.", LogEvent::HostKeyFailure),
+            (
+                "No ED25519 host key is known for web-01 and you have requested strict checking.",
+                LogEvent::HostKeyFailure,
+            ),
+            ("SHA256:abcDEF.", LogEvent::PresentedFingerprint("SHA256:abcDEF".into())),
+            (
+                "ssh: connect to host 127.0.0.2 port 22: Connection refused",
+                LogEvent::ConnectError("connect to host 127.0.0.2 port 22: Connection refused".into()),
+            ),
+            ("Server host key: ssh-ed25519 SHA256:xyz", LogEvent::Other),
+            ("Transferred: sent 1, received 2 bytes", LogEvent::Other),
+        ];
+        for (line, want) in cases {
+            assert_eq!(classify_log_line(line), want, "{line}");
+        }
+        let mut s = LogSummary::default();
+        assert!(!s.absorb("Server host key: ssh-ed25519 SHA256:xyz"));
+        assert!(s.absorb("Authenticated to web-01 ([127.0.0.2]:22) using \"password\"."));
+        assert!(s.authenticated && !s.denied);
+    }
+}

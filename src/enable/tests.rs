@@ -1,0 +1,602 @@
+//! `enable`/`disable` on a fake root with a scripted sshd and pam-auth-update.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use super::*;
+
+const HOST_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBJtrLvb41FKXiPCARI2RUzeLkLryZuz9gWliB394aayfywXPtgHKr/RkLkMtlqtAPnzCWCf4uDBhh08NXJ78Flw=";
+const KEY_A: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHUE4uoozkbFBPowirK0yHYlemKswztNvjU3oNVO4w5z alice@laptop";
+
+const SSHD_CONFIG: &str = "# Debian 12\nInclude /etc/ssh/sshd_config.d/*.conf\n\nKbdInteractiveAuthentication no\nUsePAM yes\nX11Forwarding yes\nSubsystem sftp /usr/lib/openssh/sftp-server\n";
+const NSSWITCH: &str = "# /etc/nsswitch.conf\n\npasswd:         files\ngroup:          files\nshadow:         files\nhosts:          files dns\n";
+const COMMON_ACCOUNT: &str = "# here are the per-package modules (the \"Primary\" block)\naccount\t[success=1 new_authtok_reqd=done default=ignore]\tpam_unix.so\naccount\trequisite\t\t\tpam_deny.so\naccount\trequired\t\t\tpam_permit.so\n# end of pam-auth-update config\n";
+const PAM_SSHD: &str = "#%PAM-1.0\nauth       substack     password-auth\naccount    required     pam_nologin.so\naccount    include      password-auth\nsession    include      password-auth\n";
+
+fn config() -> String {
+    format!(
+        "[kms]\nendpoint = \"http://127.0.0.1:9100\"\ncredentials = \"file\"\ncredentials_file = \"/etc/kmsbastion/credentials\"\n\n\
+         [[host]]\nname = \"web-01\"\naddress = \"127.0.0.2\"\nhost_keys = [\"{HOST_KEY}\"]\n  [[host.account]]\n  name = \"root\"\n  secret = \"acs/ecs/web-01/root\"\n\n\
+         [[engineer]]\nname = \"alice\"\nuid = 64001\nkeys = [\"{KEY_A}\"]\n"
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Debian,
+    Other,
+}
+
+/// A fake jump host: the files enable reads, with the helpers "installed".
+fn fake_root(family: Family) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let put = |path: &str, text: &str, mode: u32| {
+        let p = dir.path().join(path.trim_start_matches('/'));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, text).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    put("/etc/ssh/sshd_config", SSHD_CONFIG, 0o644);
+    fs::create_dir_all(dir.path().join("etc/ssh/sshd_config.d")).unwrap();
+    put("/etc/nsswitch.conf", NSSWITCH, 0o644);
+    put("/etc/passwd", "root:x:0:0:root:/root:/bin/bash\nkmsbastion:x:999:999::/nonexistent:/usr/sbin/nologin\nadmin:x:1000:1000::/home/admin:/bin/bash\n", 0o644);
+    put(
+        "/etc/group",
+        "root:x:0:\nkmsbastion:x:999:\nadmin:x:1000:\n",
+        0o644,
+    );
+    put("/etc/kmsbastion/kmsbastion.toml", &config(), 0o644);
+    put("/usr/sbin/sshd", "", 0o755);
+    put("/usr/libexec/kmsbastion/kmsbastion-keys", "", 0o755);
+    put("/usr/libexec/kmsbastion/kmsbastion-connect", "", 0o755);
+    put(
+        "/usr/lib/x86_64-linux-gnu/security/pam_kmsbastion.so",
+        "",
+        0o644,
+    );
+    put(
+        "/usr/lib/x86_64-linux-gnu/libnss_kmsbastion.so.2",
+        "",
+        0o644,
+    );
+    match family {
+        Family::Debian => {
+            put("/usr/sbin/pam-auth-update", "", 0o755);
+            put("/etc/pam.d/common-account", COMMON_ACCOUNT, 0o644);
+            put(
+                "/etc/pam.d/common-session",
+                "session\trequired\tpam_unix.so\n",
+                0o644,
+            );
+            put("/etc/pam.d/sshd", "@include common-account\n", 0o644);
+            put("/var/lib/pam/seen", "unix\n", 0o644);
+            put(
+                "/var/cache/debconf/config.dat",
+                "Name: libpam-runtime/profiles\nValue: unix\n",
+                0o644,
+            );
+            fs::create_dir_all(dir.path().join("usr/share/pam-configs")).unwrap();
+        }
+        Family::Other => put("/etc/pam.d/sshd", PAM_SSHD, 0o640),
+    }
+    dir
+}
+
+/// Every file and directory under `root` with contents and mode.
+fn tree(root: &Path) -> BTreeMap<String, (Option<Vec<u8>>, u32)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if meta.is_dir() {
+                out.insert(rel, (None, meta.mode()));
+                stack.push(path);
+            } else {
+                out.insert(rel, (Some(fs::read(&path).unwrap()), meta.mode()));
+            }
+        }
+    }
+    out
+}
+
+/// Knobs for the scripted programs.
+#[derive(Default, Clone, Copy)]
+struct Faults {
+    /// `sshd -t` fails once the drop-in exists.
+    t_fails_after: bool,
+    /// `sshd -t` fails from the start.
+    t_fails_before: bool,
+    /// The drop-in's settings leak to local users (as a global setting would).
+    leaks_to_locals: bool,
+    /// An earlier drop-in wins for ForceCommand.
+    shadowed: bool,
+    /// pam-auth-update exits 0 but leaves common-* alone (local modifications).
+    pam_refuses: bool,
+}
+
+/// sshd and pam-auth-update, scripted against the fake root's files.
+struct Scripted<'a> {
+    root: &'a Path,
+    faults: Faults,
+}
+
+impl Scripted<'_> {
+    fn read(&self, path: &str) -> String {
+        fs::read_to_string(under_root(self.root, Path::new(path))).unwrap_or_default()
+    }
+
+    fn sshd_dump(&self, user: &str) -> String {
+        let mut settings: Vec<(String, String)> = [
+            ("port", "22"),
+            ("usepam", "yes"),
+            ("x11forwarding", "yes"),
+            ("permittty", "yes"),
+            ("permituserrc", "yes"),
+            ("disableforwarding", "no"),
+            ("forcecommand", "none"),
+            ("authorizedkeyscommand", "none"),
+            ("authorizedkeyscommanduser", "none"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let drop_in = self.read(sshd::DROP_IN_PATH);
+        // NSS puts the login into the bastion group only once nsswitch.conf names us.
+        let in_group = self.read(NSSWITCH_PATH).contains("kmsbastion")
+            && (user.contains('@') || user == "alice");
+        if !drop_in.is_empty() && (in_group || self.faults.leaks_to_locals) {
+            for d in sshd::parse(&drop_in).conditional {
+                if self.faults.shadowed && d.keyword == "forcecommand" {
+                    continue;
+                }
+                match settings.iter_mut().find(|(k, _)| *k == d.keyword) {
+                    Some(slot) => slot.1 = d.value.clone(),
+                    None => settings.push((d.keyword.clone(), d.value.clone())),
+                }
+            }
+        }
+        settings.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
+    }
+
+    fn pam_auth_update(&self) {
+        if self.faults.pam_refuses {
+            return;
+        }
+        let profile = self.read(pam::PROFILE_PATH);
+        assert!(profile.contains("Default: no"));
+        let append = |path: &str, text: &str| {
+            let p = under_root(self.root, Path::new(path));
+            let mut old = fs::read_to_string(&p).unwrap_or_default();
+            old.push_str(text);
+            fs::write(&p, old).unwrap();
+        };
+        for line in pam::snippet_lines(pam::SNIPPET) {
+            let file = format!("/etc/pam.d/common-{}", line.kind);
+            append(
+                &file,
+                &format!("{}\t{}\t{}\n", line.kind, line.control, line.module),
+            );
+        }
+        append("/var/lib/pam/seen", "kmsbastion\n");
+        append(
+            "/var/cache/debconf/config.dat",
+            "Name: libpam-runtime/profiles\nValue: unix, kmsbastion\n",
+        );
+        // debconf keeps a backup of the previous database: a file enable did not plan.
+        fs::write(
+            under_root(self.root, Path::new("/var/cache/debconf/config.dat-old")),
+            "old\n",
+        )
+        .unwrap();
+    }
+}
+
+impl Programs for Scripted<'_> {
+    fn run(&self, program: &Path, args: &[String]) -> io::Result<Ran> {
+        let ok = |stdout: String| {
+            Ok(Ran {
+                success: true,
+                stdout,
+                stderr: String::new(),
+            })
+        };
+        let fail = |stderr: &str| {
+            Ok(Ran {
+                success: false,
+                stdout: String::new(),
+                stderr: stderr.into(),
+            })
+        };
+        if program == Path::new(DEFAULT_SSHD) {
+            match args.first().map(String::as_str) {
+                Some("-t") => {
+                    let installed = !self.read(sshd::DROP_IN_PATH).is_empty();
+                    if self.faults.t_fails_before || (self.faults.t_fails_after && installed) {
+                        return fail("/etc/ssh/sshd_config.d/00-kmsbastion.conf line 3: Bad configuration option");
+                    }
+                    ok(String::new())
+                }
+                Some("-T") => {
+                    let spec = args.get(2).cloned().unwrap_or_default();
+                    let user = spec
+                        .strip_prefix("user=")
+                        .and_then(|s| s.split(',').next())
+                        .unwrap_or("");
+                    ok(self.sshd_dump(user))
+                }
+                _ => fail("unexpected sshd arguments"),
+            }
+        } else if program == Path::new(pam::PAM_AUTH_UPDATE) {
+            assert_eq!(args, ["--package", "--enable", "kmsbastion"]);
+            self.pam_auth_update();
+            ok(String::new())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} not scripted", program.display()),
+            ))
+        }
+    }
+}
+
+fn opts(root: &Path) -> EnableOptions {
+    EnableOptions {
+        root: root.to_path_buf(),
+        ..EnableOptions::default()
+    }
+}
+
+fn read(root: &Path, path: &str) -> String {
+    fs::read_to_string(under_root(root, Path::new(path))).unwrap()
+}
+
+#[test]
+fn debian_enable_wires_everything_and_disable_restores_every_byte() {
+    let root = fake_root(Family::Debian);
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+
+    let report = enable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::DROP_IN);
+    assert!(nsswitch::is_enabled(&read(root.path(), NSSWITCH_PATH)));
+    assert_eq!(
+        read(root.path(), pam::PROFILE_PATH),
+        pam::profile(&pam::snippet_lines(pam::SNIPPET))
+    );
+    assert!(pam::mentions_module(&read(
+        root.path(),
+        "/etc/pam.d/common-account"
+    )));
+    let state_meta = fs::metadata(under_root(root.path(), Path::new(STATE_PATH))).unwrap();
+    assert_eq!(state_meta.mode() & 0o777, 0o600);
+    let text = report.to_string();
+    for needle in [
+        "created       /etc/ssh/sshd_config.d/00-kmsbastion.conf",
+        "modified      /etc/nsswitch.conf",
+        "modified      /etc/pam.d/common-account",
+        "created       /var/cache/debconf/config.dat-old",
+        "ran           /usr/sbin/pam-auth-update --package --enable kmsbastion",
+        "sshd -T for bastion login alice@root@web-01 has all",
+        "sshd -T for local user root is identical to before",
+        "sshd -T for local user admin is identical to before",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+    }
+    // The state records every file pam-auth-update touched, not just the planned ones.
+    let state = State::load(&under_root(root.path(), Path::new(STATE_PATH)))
+        .unwrap()
+        .unwrap();
+    let mut paths: Vec<&str> = state.files.iter().map(|f| f.path.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "/etc/nsswitch.conf",
+            "/etc/pam.d/common-account",
+            "/etc/pam.d/common-session",
+            "/etc/ssh/sshd_config.d/00-kmsbastion.conf",
+            "/usr/share/pam-configs/kmsbastion",
+            "/var/cache/debconf/config.dat",
+            "/var/cache/debconf/config.dat-old",
+            "/var/lib/pam/seen",
+        ]
+    );
+
+    let report = disable_with(&opts(root.path()), &programs).unwrap();
+    assert!(
+        report
+            .to_string()
+            .contains("restored 8 file(s) byte for byte"),
+        "{report}"
+    );
+    assert_eq!(
+        tree(root.path()),
+        before,
+        "disable must leave the root exactly as it was"
+    );
+}
+
+#[test]
+fn other_family_gets_a_marked_block_in_pam_d_sshd_and_disable_restores_mode_too() {
+    let root = fake_root(Family::Other);
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    enable_with(&opts(root.path()), &programs).unwrap();
+    let service = read(root.path(), pam::SSHD_SERVICE);
+    assert_eq!(
+        service,
+        pam::wire_service(PAM_SSHD, &pam::snippet_lines(pam::SNIPPET))
+    );
+    assert!(service.contains("# BEGIN kmsbastion account"));
+    let mode = fs::metadata(under_root(root.path(), Path::new(pam::SSHD_SERVICE)))
+        .unwrap()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640, "an edited file keeps its mode");
+    assert!(!root.path().join("usr/share/pam-configs").exists());
+    disable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(tree(root.path()), before);
+}
+
+#[test]
+fn enable_is_idempotent_and_disable_still_restores_the_first_originals() {
+    let root = fake_root(Family::Debian);
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    enable_with(&opts(root.path()), &programs).unwrap();
+    let enabled = tree(root.path());
+    let again = enable_with(&opts(root.path()), &programs).unwrap();
+    assert!(
+        again.changes.is_empty() && again.commands.is_empty(),
+        "{again}"
+    );
+    assert!(
+        again
+            .to_string()
+            .starts_with("kmsbastion enable: nothing to change"),
+        "{again}"
+    );
+    assert_eq!(again.checks.len(), 4, "still verified: {again}");
+    assert_eq!(
+        tree(root.path()),
+        enabled,
+        "a second enable changes nothing, state included"
+    );
+    disable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(tree(root.path()), before);
+    let twice = disable_with(&opts(root.path()), &programs).unwrap();
+    assert!(twice.to_string().contains("not enabled"), "{twice}");
+    assert_eq!(tree(root.path()), before);
+}
+
+#[test]
+fn enable_repairs_a_reverted_file_and_keeps_the_original_record() {
+    let root = fake_root(Family::Other);
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    enable_with(&opts(root.path()), &programs).unwrap();
+    // An administrator removes the drop-in by hand; enable puts it back.
+    fs::remove_file(under_root(root.path(), Path::new(sshd::DROP_IN_PATH))).unwrap();
+    let report = enable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(report.changes.len(), 1, "{report}");
+    disable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(tree(root.path()), before);
+}
+
+fn assert_rolled_back(faults: Faults, family: Family, expect: &str) {
+    let root = fake_root(family);
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults,
+    };
+    let err = enable_with(&opts(root.path()), &programs).unwrap_err();
+    assert!(err.to_string().contains(expect), "{expect:?} not in: {err}");
+    assert_eq!(
+        tree(root.path()),
+        before,
+        "after {err} the root must be untouched"
+    );
+}
+
+#[test]
+fn sshd_t_failing_after_the_change_rolls_everything_back() {
+    let faults = Faults {
+        t_fails_after: true,
+        ..Faults::default()
+    };
+    assert_rolled_back(faults, Family::Debian, "sshd -t rejects the configuration");
+    assert_rolled_back(faults, Family::Other, "every change was rolled back");
+}
+
+#[test]
+fn a_change_for_local_users_rolls_back_so_admins_are_never_locked_out() {
+    let faults = Faults {
+        leaks_to_locals: true,
+        ..Faults::default()
+    };
+    assert_rolled_back(
+        faults,
+        Family::Debian,
+        "sshd -T for local user root changed",
+    );
+}
+
+#[test]
+fn a_shadowed_setting_rolls_back() {
+    let faults = Faults {
+        shadowed: true,
+        ..Faults::default()
+    };
+    assert_rolled_back(
+        faults,
+        Family::Debian,
+        "lacks: forcecommand /usr/libexec/kmsbastion/kmsbastion-connect",
+    );
+}
+
+#[test]
+fn pam_auth_update_leaving_common_files_alone_rolls_back() {
+    let faults = Faults {
+        pam_refuses: true,
+        ..Faults::default()
+    };
+    assert_rolled_back(
+        faults,
+        Family::Debian,
+        "still does not call pam_kmsbastion.so",
+    );
+}
+
+#[test]
+fn a_broken_sshd_config_is_refused_before_any_change() {
+    let faults = Faults {
+        t_fails_before: true,
+        ..Faults::default()
+    };
+    assert_rolled_back(
+        faults,
+        Family::Debian,
+        "rejects the current configuration before any change",
+    );
+}
+
+#[test]
+fn refuses_without_include_and_never_edits_the_main_config() {
+    let root = fake_root(Family::Debian);
+    let main = under_root(root.path(), Path::new(sshd::MAIN_CONFIG));
+    fs::write(&main, SSHD_CONFIG.replace("Include", "#Include")).unwrap();
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    let err = enable_with(&opts(root.path()), &programs).unwrap_err();
+    assert!(matches!(err, EnableError::NotIncluded { .. }), "{err}");
+    assert!(err
+        .to_string()
+        .contains("Include /etc/ssh/sshd_config.d/*.conf"));
+    assert_eq!(tree(root.path()), before);
+}
+
+#[test]
+fn refuses_when_the_pam_module_is_not_installed() {
+    let root = fake_root(Family::Debian);
+    fs::remove_file(
+        root.path()
+            .join("usr/lib/x86_64-linux-gnu/security/pam_kmsbastion.so"),
+    )
+    .unwrap();
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    let err = enable_with(&opts(root.path()), &programs).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the PAM module (pam_kmsbastion.so) is not installed"),
+        "{err}"
+    );
+    assert_eq!(tree(root.path()), before);
+}
+
+#[test]
+fn refuses_a_config_without_engineers() {
+    let root = fake_root(Family::Debian);
+    let cfg = config();
+    let cut = cfg.find("[[engineer]]").unwrap();
+    fs::write(
+        root.path().join("etc/kmsbastion/kmsbastion.toml"),
+        &cfg[..cut],
+    )
+    .unwrap();
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    let err = enable_with(&opts(root.path()), &programs).unwrap_err();
+    assert!(err.to_string().contains("defines no engineer"), "{err}");
+}
+
+#[test]
+fn dry_run_shows_the_diffs_and_changes_nothing() {
+    let root = fake_root(Family::Debian);
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    let o = EnableOptions {
+        dry_run: true,
+        ..opts(root.path())
+    };
+    let report = enable_with(&o, &programs).unwrap();
+    assert_eq!(tree(root.path()), before);
+    let text = report.to_string();
+    for needle in [
+        "kmsbastion enable --dry-run: nothing was changed",
+        "would create  /etc/ssh/sshd_config.d/00-kmsbastion.conf",
+        "would run     /usr/sbin/pam-auth-update --package --enable kmsbastion",
+        "--- /dev/null\n+++ /etc/ssh/sshd_config.d/00-kmsbastion.conf\n",
+        "--- /etc/nsswitch.conf\n+++ /etc/nsswitch.conf\n",
+        "-passwd:         files\n-group:          files\n+passwd:         files kmsbastion\n+group:          files kmsbastion\n",
+        "+Default: no\n",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+    }
+
+    // disable --dry-run after a real enable: the reverse diffs, nothing changed.
+    let real = opts(root.path());
+    enable_with(&real, &programs).unwrap();
+    let enabled = tree(root.path());
+    let report = disable_with(&o, &programs).unwrap();
+    assert_eq!(tree(root.path()), enabled);
+    let text = report.to_string();
+    assert!(
+        text.contains("would remove  /etc/ssh/sshd_config.d/00-kmsbastion.conf"),
+        "{text}"
+    );
+    assert!(text.contains("+passwd:         files\n"), "{text}");
+}
+
+#[test]
+fn disable_refuses_to_overwrite_later_edits() {
+    let root = fake_root(Family::Debian);
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    enable_with(&opts(root.path()), &programs).unwrap();
+    let nss = under_root(root.path(), Path::new(NSSWITCH_PATH));
+    let edited = format!("{}netgroup: files\n", fs::read_to_string(&nss).unwrap());
+    fs::write(&nss, &edited).unwrap();
+    let enabled = tree(root.path());
+    let err = disable_with(&opts(root.path()), &programs).unwrap_err();
+    assert!(
+        matches!(&err, EnableError::Drift(p) if p == &[PathBuf::from(NSSWITCH_PATH)]),
+        "{err}"
+    );
+    assert_eq!(tree(root.path()), enabled);
+}
