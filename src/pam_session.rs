@@ -348,6 +348,25 @@ pub fn parse_ready_line(bytes: &[u8]) -> Result<ReadyLine, String> {
     }
 }
 
+/// The broker's session directory for a reported socket path: `runtime_dir/s-<hex>/connect.sock`
+/// gives `runtime_dir/s-<hex>`; anything else (another place, `..`) gives `None`.
+pub fn session_dir_of(runtime_dir: &std::path::Path, socket: &std::path::Path) -> Option<PathBuf> {
+    use std::path::Component;
+    if socket.file_name()? != "connect.sock" {
+        return None;
+    }
+    let dir = socket.parent()?;
+    let name = dir.file_name()?.to_str()?;
+    let hex = name.strip_prefix("s-")?;
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    if dir.parent()? != runtime_dir || dir.components().any(|c| matches!(c, Component::ParentDir)) {
+        return None;
+    }
+    Some(dir.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,6 +533,25 @@ not_after = "2030-01-01T00:00:00Z"
         let mut bad_login = argv;
         bad_login[5] = "ro@ot".into();
         assert!(BrokerArgs::parse(&bad_login).is_err());
+    }
+
+    #[test]
+    fn session_dirs() {
+        let rt = Path::new("/run/kmsbastion");
+        assert_eq!(
+            session_dir_of(rt, Path::new("/run/kmsbastion/s-00ff/connect.sock")),
+            Some(PathBuf::from("/run/kmsbastion/s-00ff"))
+        );
+        for bad in [
+            "/run/kmsbastion/connect.sock",
+            "/run/kmsbastion/s-/connect.sock",
+            "/run/kmsbastion/s-zz/connect.sock",
+            "/run/kmsbastion/s-00/other.sock",
+            "/etc/s-00/connect.sock",
+            "/run/kmsbastion/x/s-00/connect.sock",
+        ] {
+            assert_eq!(session_dir_of(rt, Path::new(bad)), None, "{bad}");
+        }
     }
 
     #[test]

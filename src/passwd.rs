@@ -2,7 +2,8 @@
 //!
 //! * passwd by name: a plain engineer (`alice`), or a composite login `alice@root@web-01`
 //!   whose engineer, host and account all exist; both get the engineer's uid, the bastion
-//!   gid, the fixed home and the `kmsbastion-connect` shell.
+//!   gid, the fixed home and the `kmsbastion-connect` shell; GECOS `kmsbastion alice` or
+//!   `kmsbastion alice -> root@web-01`.
 //! * passwd by uid: the plain engineer (a uid maps back to exactly one name).
 //! * enumeration: plain engineers only (composite names are unbounded in number).
 //! * group by name or gid: the bastion group, with the engineers as members.
@@ -18,7 +19,8 @@ use crate::login::Login;
 /// `pw_passwd` of every entry: no password can ever match (`*`), and not `x`, so nothing goes
 /// looking for a shadow entry that does not exist.
 pub const NO_PASSWORD: &str = "*";
-/// Prefix of the GECOS field, so `getent passwd` shows where an entry comes from.
+/// Prefix of the GECOS field, so `getent passwd` shows where an entry comes from. The field
+/// never contains `:` (the passwd file separator) or `,` (the GECOS subfield separator).
 pub const GECOS_PREFIX: &str = "kmsbastion";
 
 /// One passwd entry.
@@ -71,7 +73,7 @@ fn plain(cfg: &Config, engineer: &crate::config::Engineer) -> PasswdEntry {
         cfg,
         engineer.name.clone(),
         engineer.uid,
-        format!("{GECOS_PREFIX}: {}", engineer.name),
+        format!("{GECOS_PREFIX} {}", engineer.name),
     )
 }
 
@@ -82,7 +84,7 @@ pub fn passwd_by_name(cfg: &Config, name: &str) -> Option<PasswdEntry> {
         Login::Composite(l) => {
             let engineer = cfg.engineer(&l.engineer)?;
             cfg.account(&l.host, &l.account)?;
-            let gecos = format!("{GECOS_PREFIX}: {} -> {}@{}", l.engineer, l.account, l.host);
+            let gecos = format!("{GECOS_PREFIX} {} -> {}@{}", l.engineer, l.account, l.host);
             Some(entry(cfg, l.to_string(), engineer.uid, gecos))
         }
     }
@@ -172,7 +174,7 @@ uid = 64002
                 passwd: "*".into(),
                 uid: 64001,
                 gid: 64000,
-                gecos: "kmsbastion: alice".into(),
+                gecos: "kmsbastion alice".into(),
                 dir: "/var/empty".into(),
                 shell: "/usr/libexec/kmsbastion/kmsbastion-connect".into(),
             }
@@ -180,7 +182,7 @@ uid = 64002
         let comp = passwd_by_name(&c, "alice@root@web-01").unwrap();
         assert_eq!(comp.name, "alice@root@web-01");
         assert_eq!((comp.uid, comp.gid), (64001, 64000));
-        assert_eq!(comp.gecos, "kmsbastion: alice -> root@web-01");
+        assert_eq!(comp.gecos, "kmsbastion alice -> root@web-01");
         assert_eq!(comp.shell, alice.shell);
         // bob has no grant: existence only, the entry still resolves
         assert!(passwd_by_name(&c, "bob@root@web-01").is_some());

@@ -51,9 +51,16 @@ fn inside_namespace(test: &str) -> bool {
         euid, 0,
         "{test} needs root: it runs sshd inside tests/ns/run-in-ns"
     );
+    let exe = std::env::current_exe().unwrap();
+    assert!(
+        !exe.starts_with("/tmp") && !exe.starts_with("/run"),
+        "{test}: the test binary {} lies under /tmp or /run, which run-in-ns replaces; \
+         use a CARGO_TARGET_DIR elsewhere",
+        exe.display()
+    );
     let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ns/run-in-ns");
     let output = Command::new(&runner)
-        .arg(std::env::current_exe().unwrap())
+        .arg(&exe)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", runner.display()));

@@ -90,7 +90,11 @@ impl Lab {
             .to_owned();
         let creds = dir.path().join("credentials");
         let mut f = std::fs::File::create(&creds).expect("create credentials");
-        writeln!(f, "access_key_id = {AK_ID}\naccess_key_secret = {AK_SECRET}").expect("write");
+        writeln!(
+            f,
+            "access_key_id = {AK_ID}\naccess_key_secret = {AK_SECRET}"
+        )
+        .expect("write");
         std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         Lab { child, url, dir }
     }
@@ -248,7 +252,8 @@ fn run_with(config: &Path, args: &[&str]) -> Run {
     }
 }
 
-const WEB01_ROOT: &str = "\n  [[host.account]]\n  name = \"root\"\n  secret = \"acs/ecs/web-01/root\"\n";
+const WEB01_ROOT: &str =
+    "\n  [[host.account]]\n  name = \"root\"\n  secret = \"acs/ecs/web-01/root\"\n";
 const ALICE_GRANT: &str = "[[grant]]\nengineers = [\"alice\"]\naccounts = [\"root@web-01\"]\nfrom = [\"127.0.0.0/8\"]\nnot_after = \"2099-01-01T00:00:00Z\"\n";
 
 // ------------------------------------------------------------------------------------------
@@ -266,8 +271,14 @@ fn secrets_list_shows_every_ecs_secret_and_filters_by_instance() {
     assert_eq!(all.code, 0, "{all:?}");
     assert!(all.stdout.contains("acs/ecs/web-01/root"), "{all:?}");
     assert!(all.stdout.contains("acs/ecs/web-02/deploy"), "{all:?}");
-    assert!(all.stdout.contains("root@web-01"), "imported-as column: {all:?}");
-    assert!(all.stdout.contains("on every 7d"), "rotation column: {all:?}");
+    assert!(
+        all.stdout.contains("root@web-01"),
+        "imported-as column: {all:?}"
+    );
+    assert!(
+        all.stdout.contains("on every 7d"),
+        "rotation column: {all:?}"
+    );
 
     let web02 = lab.run(&["secrets", "list", "--host", "web-02", "--json"]);
     assert_eq!(web02.code, 0, "{web02:?}");
@@ -279,7 +290,11 @@ fn secrets_list_shows_every_ecs_secret_and_filters_by_instance() {
     assert_eq!(list[0]["imported_as"], serde_json::json!([]));
 
     let by_id = lab.run(&["secrets", "list", "--instance-id", "i-web01", "--json"]);
-    assert_eq!(by_id.json()[0]["imported_as"][0], "root@web-01", "{by_id:?}");
+    assert_eq!(
+        by_id.json()[0]["imported_as"][0],
+        "root@web-01",
+        "{by_id:?}"
+    );
 
     let none = lab.run(&["secrets", "list", "--instance-id", "i-nothing", "--json"]);
     assert_eq!(none.json(), serde_json::json!([]));
@@ -292,7 +307,10 @@ fn secrets_list_unknown_host_or_host_without_instance_is_a_usage_error() {
     let r = lab.run(&["secrets", "list", "--host", "web-99"]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("no host \"web-99\""), "{r:?}");
-    assert!(r.stderr.contains("known hosts: web-01, web-02, db-01"), "{r:?}");
+    assert!(
+        r.stderr.contains("known hosts: web-01, web-02, db-01"),
+        "{r:?}"
+    );
 
     let r = lab.run(&["secrets", "list", "--host", "db-01"]);
     assert_eq!(r.code, 2, "{r:?}");
@@ -314,9 +332,20 @@ fn import_adds_accounts_in_place_and_is_idempotent() {
 
     let r = lab.run(&["import", "--host", "web-01"]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.contains("added: root@web-01 <- acs/ecs/web-01/root"), "{r:?}");
-    assert!(r.stdout.contains("added: app@web-01 <- acs/ecs/web-01/app-credential"), "{r:?}");
-    assert!(!r.stdout.contains("web-02/deploy"), "other instance imported: {r:?}");
+    assert!(
+        r.stdout
+            .contains("added: root@web-01 <- acs/ecs/web-01/root"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .contains("added: app@web-01 <- acs/ecs/web-01/app-credential"),
+        "{r:?}"
+    );
+    assert!(
+        !r.stdout.contains("web-02/deploy"),
+        "other instance imported: {r:?}"
+    );
     assert!(!r.stdout.contains("Pw-"), "a value was printed: {r:?}");
 
     let after = lab.config();
@@ -327,7 +356,10 @@ fn import_adds_accounts_in_place_and_is_idempotent() {
     let anchor = "instance_id = \"i-web01\"\n";
     let expect_a = before.replacen(anchor, &format!("{anchor}{inserted}"), 1);
     let expect_b = before.replacen(anchor, &format!("{anchor}{inserted_other_order}"), 1);
-    assert!(after == expect_a || after == expect_b, "unexpected layout:\n{after}");
+    assert!(
+        after == expect_a || after == expect_b,
+        "unexpected layout:\n{after}"
+    );
     assert!(!after.contains("Pw-"), "a value was stored");
 
     // Again: nothing changes, not even a byte.
@@ -348,12 +380,26 @@ fn import_named_secret_and_dry_run() {
     lab.create_ecs("acs/ecs/web-02/deploy", "i-web02", "deploy", false);
     let before = lab.write_config("", "");
 
-    let dry = lab.run(&["import", "--host", "web-02", "--secret", "acs/ecs/web-02/deploy", "--dry-run"]);
+    let dry = lab.run(&[
+        "import",
+        "--host",
+        "web-02",
+        "--secret",
+        "acs/ecs/web-02/deploy",
+        "--dry-run",
+    ]);
     assert_eq!(dry.code, 0, "{dry:?}");
     assert!(dry.stdout.contains("would add: deploy@web-02"), "{dry:?}");
     assert_eq!(lab.config(), before, "--dry-run wrote the file");
 
-    let r = lab.run(&["import", "--host", "web-02", "--secret", "acs/ecs/web-02/deploy", "--json"]);
+    let r = lab.run(&[
+        "import",
+        "--host",
+        "web-02",
+        "--secret",
+        "acs/ecs/web-02/deploy",
+        "--json",
+    ]);
     assert_eq!(r.code, 0, "{r:?}");
     let v = r.json();
     assert_eq!(v["written"], true);
@@ -371,32 +417,64 @@ fn import_refuses_a_secret_of_another_instance_and_leaves_the_file_unchanged() {
 
     // One good and one foreign secret: all or nothing.
     let r = lab.run(&[
-        "import", "--host", "web-01", "--secret", "acs/ecs/web-01/root", "--secret", "acs/ecs/web-02/deploy",
+        "import",
+        "--host",
+        "web-01",
+        "--secret",
+        "acs/ecs/web-01/root",
+        "--secret",
+        "acs/ecs/web-02/deploy",
     ]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(
-        r.stderr.contains("secret acs/ecs/web-02/deploy belongs to instance i-web02, not web-01"),
+        r.stderr
+            .contains("secret acs/ecs/web-02/deploy belongs to instance i-web02, not web-01"),
         "{r:?}"
     );
-    assert_eq!(lab.config(), before, "the file changed after a refused import");
+    assert_eq!(
+        lab.config(),
+        before,
+        "the file changed after a refused import"
+    );
 
-    let missing = lab.run(&["import", "--host", "web-01", "--secret", "acs/ecs/web-01/nope"]);
+    let missing = lab.run(&[
+        "import",
+        "--host",
+        "web-01",
+        "--secret",
+        "acs/ecs/web-01/nope",
+    ]);
     assert_eq!(missing.code, 1, "{missing:?}");
-    assert!(missing.stderr.contains("does not exist in KMS"), "{missing:?}");
+    assert!(
+        missing.stderr.contains("does not exist in KMS"),
+        "{missing:?}"
+    );
     assert_eq!(lab.config(), before);
 
     // A secret whose account is already bound to another secret.
     lab.create_ecs("acs/ecs/web-01/root-2", "i-web01", "root", false);
     lab.write_config(WEB01_ROOT, "");
     let bound = lab.config();
-    let r = lab.run(&["import", "--host", "web-01", "--secret", "acs/ecs/web-01/root-2"]);
+    let r = lab.run(&[
+        "import",
+        "--host",
+        "web-01",
+        "--secret",
+        "acs/ecs/web-01/root-2",
+    ]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("already uses secret"), "{r:?}");
     assert_eq!(lab.config(), bound);
 
     // A pending-deletion secret is refused too.
     lab.delete("acs/ecs/web-01/root-2");
-    let r = lab.run(&["import", "--host", "web-01", "--secret", "acs/ecs/web-01/root-2"]);
+    let r = lab.run(&[
+        "import",
+        "--host",
+        "web-01",
+        "--secret",
+        "acs/ecs/web-01/root-2",
+    ]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("pending deletion"), "{r:?}");
     assert_eq!(lab.config(), bound);
@@ -414,7 +492,11 @@ fn import_unknown_host_and_host_without_instance() {
     assert!(r.stderr.contains("has no instance_id"), "{r:?}");
     let r = lab.run(&["import", "--host", "web-02"]);
     assert_eq!(r.code, 1, "no secrets for the instance is a finding: {r:?}");
-    assert!(r.stderr.contains("no ECS secret in KMS names instance i-web02"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("no ECS secret in KMS names instance i-web02"),
+        "{r:?}"
+    );
     assert_eq!(lab.config(), before);
 }
 
@@ -439,7 +521,10 @@ fn import_reads_only_user_names_and_reports_secret_values_nowhere() {
 #[test]
 fn a_malformed_config_is_exit_2_with_file_and_line_for_every_command() {
     let lab = Lab::start();
-    let text = format!("{}\n[[host]]\nname = \"web-01\"\naddres = \"127.0.0.2\"\n", lab.kms_section(&lab.url));
+    let text = format!(
+        "{}\n[[host]]\nname = \"web-01\"\naddres = \"127.0.0.2\"\n",
+        lab.kms_section(&lab.url)
+    );
     std::fs::write(lab.config_path(), &text).expect("write");
     let path = lab.config_path();
     let needle = format!("{}:", path.display());
@@ -453,9 +538,14 @@ fn a_malformed_config_is_exit_2_with_file_and_line_for_every_command() {
     ] {
         let r = lab.run(args);
         assert_eq!(r.code, 2, "{args:?}: {r:?}");
-        assert!(r.stderr.contains(&needle), "{args:?} does not name the file: {r:?}");
         assert!(
-            r.stderr.lines().any(|l| l.contains(&needle) && l[l.find(&needle).unwrap_or(0) + needle.len()..].starts_with(|c: char| c.is_ascii_digit())),
+            r.stderr.contains(&needle),
+            "{args:?} does not name the file: {r:?}"
+        );
+        assert!(
+            r.stderr.lines().any(|l| l.contains(&needle)
+                && l[l.find(&needle).unwrap_or(0) + needle.len()..]
+                    .starts_with(|c: char| c.is_ascii_digit())),
             "{args:?} does not name the line: {r:?}"
         );
         assert_eq!(lab.config(), text, "{args:?} changed a malformed file");
@@ -476,7 +566,9 @@ fn dead_endpoint() -> String {
 #[test]
 fn kms_down_is_a_clear_exit_3_and_the_file_is_unchanged() {
     let lab = Lab::start();
-    let text = lab.write_config(WEB01_ROOT, "").replace(&lab.url, &dead_endpoint());
+    let text = lab
+        .write_config(WEB01_ROOT, "")
+        .replace(&lab.url, &dead_endpoint());
     std::fs::write(lab.config_path(), &text).expect("write");
 
     for args in [
@@ -498,7 +590,11 @@ fn kms_down_is_a_clear_exit_3_and_the_file_is_unchanged() {
 fn wrong_credentials_are_a_kms_error_with_the_code() {
     let lab = Lab::start();
     lab.write_config("", "");
-    std::fs::write(lab.credentials(), format!("access_key_id = {AK_ID}\naccess_key_secret = wrong\n")).expect("write");
+    std::fs::write(
+        lab.credentials(),
+        format!("access_key_id = {AK_ID}\naccess_key_secret = wrong\n"),
+    )
+    .expect("write");
     let r = lab.run(&["secrets", "list"]);
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("SignatureDoesNotMatch"), "{r:?}");
@@ -516,7 +612,12 @@ fn check_describes_every_account_and_flags_deleted_secrets() {
 
     let ok = lab.run(&["check", "--no-host-keys"]);
     assert_eq!(ok.code, 0, "{ok:?}");
-    assert!(ok.stdout.contains("root@web-01: acs/ecs/web-01/root (ECS/Password), rotation on every 7d, next "), "{ok:?}");
+    assert!(
+        ok.stdout.contains(
+            "root@web-01: acs/ecs/web-01/root (ECS/Password), rotation on every 7d, next "
+        ),
+        "{ok:?}"
+    );
     assert!(ok.stdout.contains("check: 0 failure(s)"), "{ok:?}");
     assert_eq!(lab.calls("GetSecretValue"), 0, "check fetched a value");
 
@@ -533,7 +634,13 @@ fn check_describes_every_account_and_flags_deleted_secrets() {
         .expect("finding for root@web-01")
         .clone();
     assert_eq!(f["status"], "fail");
-    assert!(f["detail"].as_str().unwrap_or("").contains("pending deletion"), "{f}");
+    assert!(
+        f["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pending deletion"),
+        "{f}"
+    );
     assert_eq!(lab.calls("GetSecretValue"), 0, "check fetched a value");
 }
 
@@ -543,14 +650,22 @@ fn check_reports_unreachable_sshd_and_missing_pins() {
     lab.create_ecs("acs/ecs/web-01/root", "i-web01", "root", false);
     // web-01 is pinned but nothing listens at 127.0.0.2:<dead port>; web-02 has no pins.
     let port = dead_endpoint().rsplit(':').next().unwrap_or("1").to_owned();
-    let text = lab
-        .write_config(WEB01_ROOT, "")
-        .replace("address = \"127.0.0.2\"", &format!("address = \"127.0.0.1\"\nport = {port}"));
+    let text = lab.write_config(WEB01_ROOT, "").replace(
+        "address = \"127.0.0.2\"",
+        &format!("address = \"127.0.0.1\"\nport = {port}"),
+    );
     std::fs::write(lab.config_path(), text).expect("write");
     let r = lab.run(&["check"]);
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stdout.contains("FAIL  host web-01: cannot fetch its host keys"), "{r:?}");
-    assert!(r.stdout.contains("FAIL  host web-02: no pinned host key"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("FAIL  host web-01: cannot fetch its host keys"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("FAIL  host web-02: no pinned host key"),
+        "{r:?}"
+    );
     assert!(r.stdout.contains("kmsbastion keyscan web-02"), "{r:?}");
 }
 
@@ -562,9 +677,10 @@ fn check_reports_unreachable_sshd_and_missing_pins() {
 fn keyscan_failures_leave_the_file_unchanged() {
     let lab = Lab::start();
     let port = dead_endpoint().rsplit(':').next().unwrap_or("1").to_owned();
-    let text = lab
-        .write_config("", "")
-        .replace("address = \"127.0.0.3\"", &format!("address = \"127.0.0.1\"\nport = {port}"));
+    let text = lab.write_config("", "").replace(
+        "address = \"127.0.0.3\"",
+        &format!("address = \"127.0.0.1\"\nport = {port}"),
+    );
     std::fs::write(lab.config_path(), &text).expect("write");
     let r = lab.run(&["keyscan", "web-02", "--yes"]);
     assert_eq!(r.code, 4, "{r:?}");
@@ -590,11 +706,29 @@ fn grants_lists_targets_rules_sources_and_windows() {
     lab.write_config(WEB01_ROOT, &grants);
     let r = lab.run(&["grants"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let alice: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("alice")).collect();
+    let alice: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("alice"))
+        .collect();
     assert_eq!(alice.len(), 2, "{r:?}");
-    assert!(alice[0].contains("root@web-01") && alice[0].contains("127.0.0.0/8") && alice[0].contains("2099-01-01T00:00:00Z") && alice[0].ends_with("active"), "{r:?}");
-    assert!(alice[1].contains("group ops") && alice[1].ends_with("not yet"), "{r:?}");
-    assert!(r.stdout.lines().any(|l| l.starts_with("bob") && l.ends_with("no grant")), "{r:?}");
+    assert!(
+        alice[0].contains("root@web-01")
+            && alice[0].contains("127.0.0.0/8")
+            && alice[0].contains("2099-01-01T00:00:00Z")
+            && alice[0].ends_with("active"),
+        "{r:?}"
+    );
+    assert!(
+        alice[1].contains("group ops") && alice[1].ends_with("not yet"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("bob") && l.ends_with("no grant")),
+        "{r:?}"
+    );
 
     let j = lab.run(&["grants", "alice", "--json"]);
     assert_eq!(j.code, 0, "{j:?}");
@@ -606,7 +740,10 @@ fn grants_lists_targets_rules_sources_and_windows() {
 
     let unknown = lab.run(&["grants", "mallory"]);
     assert_eq!(unknown.code, 2, "{unknown:?}");
-    assert!(unknown.stderr.contains("no engineer \"mallory\""), "{unknown:?}");
+    assert!(
+        unknown.stderr.contains("no engineer \"mallory\""),
+        "{unknown:?}"
+    );
 }
 
 #[test]
@@ -617,12 +754,25 @@ fn explain_walks_every_decision_and_names_the_refusing_one() {
 
     let ok = lab.run(&["explain", "alice@root@web-01", "--from", "127.0.0.1"]);
     assert_eq!(ok.code, 0, "{ok:?}");
-    for step in ["login string", "NSS entry", "keys (AKC)", "grant (PAM)", "secret", "host key"] {
+    for step in [
+        "login string",
+        "NSS entry",
+        "keys (AKC)",
+        "grant (PAM)",
+        "secret",
+        "host key",
+    ] {
         assert!(ok.stdout.contains(step), "missing step {step}: {ok:?}");
     }
     assert!(ok.stdout.contains("result: allowed"), "{ok:?}");
 
-    let foreign = lab.run(&["explain", "alice@root@web-01", "--from", "10.0.0.5", "--json"]);
+    let foreign = lab.run(&[
+        "explain",
+        "alice@root@web-01",
+        "--from",
+        "10.0.0.5",
+        "--json",
+    ]);
     assert_eq!(foreign.code, 1, "{foreign:?}");
     let v = foreign.json();
     assert_eq!(v["allowed"], false);
@@ -630,11 +780,26 @@ fn explain_walks_every_decision_and_names_the_refusing_one() {
 
     let bob = lab.run(&["explain", "bob@root@web-01", "--from", "127.0.0.1"]);
     assert_eq!(bob.code, 1, "{bob:?}");
-    assert!(bob.stdout.contains("result: refused at step 3 (keys (AKC))"), "{bob:?}");
+    assert!(
+        bob.stdout
+            .contains("result: refused at step 3 (keys (AKC))"),
+        "{bob:?}"
+    );
 
-    let later = lab.run(&["explain", "alice@root@web-01", "--from", "127.0.0.1", "--at", "2100-01-01T00:00:00Z", "--offline"]);
+    let later = lab.run(&[
+        "explain",
+        "alice@root@web-01",
+        "--from",
+        "127.0.0.1",
+        "--at",
+        "2100-01-01T00:00:00Z",
+        "--offline",
+    ]);
     assert_eq!(later.code, 1, "{later:?}");
-    assert!(later.stdout.contains("grant (PAM)") && later.stdout.contains("not_after"), "{later:?}");
+    assert!(
+        later.stdout.contains("grant (PAM)") && later.stdout.contains("not_after"),
+        "{later:?}"
+    );
 
     let nohost = lab.run(&["explain", "alice@root@web-77", "--offline"]);
     assert_eq!(nohost.code, 1, "{nohost:?}");
@@ -664,7 +829,9 @@ fn usage_errors_exit_2_and_help_lists_every_command() {
     assert_eq!(r.code, 2, "{r:?}");
     let help = lab.run(&["--help"]);
     assert_eq!(help.code, 0, "{help:?}");
-    for cmd in ["check", "secrets", "import", "keyscan", "grants", "explain", "enable", "disable"] {
+    for cmd in [
+        "check", "secrets", "import", "keyscan", "grants", "explain", "enable", "disable",
+    ] {
         assert!(help.stdout.contains(cmd), "--help lacks {cmd}: {help:?}");
     }
     assert!(help.stdout.contains("Exit status"), "{help:?}");

@@ -129,7 +129,7 @@ mod tests {
             passwd: "*".into(),
             uid: 64001,
             gid: 64000,
-            gecos: "kmsbastion: alice -> root@web-01".into(),
+            gecos: "kmsbastion alice -> root@web-01".into(),
             dir: "/".into(),
             shell: "/usr/libexec/kmsbastion/kmsbastion-connect".into(),
         }

@@ -218,6 +218,9 @@ fn fill_login(event: &mut Event, login: &LoginString) {
 /// The broker this module started, kept in the PAM handle between open and close.
 struct BrokerHandle {
     pid: libc::pid_t,
+    /// The broker's `runtime_dir/s-*` directory, removed (as root) once the broker is gone:
+    /// the unprivileged broker cannot remove it itself from a root-owned `runtime_dir`.
+    session_dir: Option<std::path::PathBuf>,
     /// Write end of the lifetime pipe (-1 once closed).
     lifetime_w: Cell<RawFd>,
 }
@@ -322,6 +325,7 @@ fn stop_broker(handle: &BrokerHandle) {
     handle.close_lifetime();
     let pid = handle.pid;
     if reap(pid) {
+        remove_session_dir(handle);
         return;
     }
     // SAFETY: kill has no memory-safety preconditions; pid is our unreaped child.
@@ -329,6 +333,7 @@ fn stop_broker(handle: &BrokerHandle) {
     let deadline = Instant::now() + Duration::from_millis(pam_session::BROKER_STOP_TIMEOUT_MS);
     while Instant::now() < deadline {
         if reap(pid) {
+            remove_session_dir(handle);
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -338,6 +343,13 @@ fn stop_broker(handle: &BrokerHandle) {
     let mut status = 0;
     // SAFETY: waitpid on our own child with a valid status pointer.
     unsafe { libc::waitpid(pid, &mut status, 0) };
+    remove_session_dir(handle);
+}
+
+fn remove_session_dir(handle: &BrokerHandle) {
+    if let Some(dir) = &handle.session_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Whether `pid` is gone (reaped now, or not our child any more).
@@ -444,15 +456,27 @@ fn start_broker(
     drop(life_r.take_into());
     drop(ready_w.take_into());
     drop(devnull);
-    let handle = BrokerHandle {
+    let mut handle = BrokerHandle {
         pid,
+        session_dir: None,
         lifetime_w: Cell::new(life_w.take()),
     };
     let line = read_ready(ready_r.0, Duration::from_millis(pam_session::BROKER_READY_TIMEOUT_MS));
     drop(ready_r.take_into());
     let parsed = line.and_then(|bytes| pam_session::parse_ready_line(&bytes));
     match parsed {
-        Ok(ReadyLine::Ready(path)) => Ok((handle, path)),
+        Ok(ReadyLine::Ready(path)) => {
+            match pam_session::session_dir_of(&cfg.bastion.runtime_dir, &path) {
+                Some(dir) => {
+                    handle.session_dir = Some(dir);
+                    Ok((handle, path))
+                }
+                None => {
+                    stop_broker(&handle);
+                    Err(format!("the broker reported a socket outside {}: {}", cfg.bastion.runtime_dir.display(), path.display()))
+                }
+            }
+        }
         Ok(ReadyLine::Error(msg)) => {
             stop_broker(&handle);
             Err(msg)

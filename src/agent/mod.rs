@@ -23,6 +23,8 @@
 //! let stats = agent::serve_listener(&listener, key, |pid| agent::parent_pid(pid).ok() == Some(me), &stop)?;
 //! # Ok(()) }
 //! ```
+// The only unsafe code (two system calls) lives in `peer`, which allows it explicitly.
+#![deny(unsafe_code)]
 
 pub mod peer;
 pub mod proto;

@@ -1,5 +1,6 @@
 //! The few system calls the agent needs that std does not offer on stable Rust: the peer
 //! of a Unix socket (`SO_PEERCRED`) and waiting for readability with a timeout (`poll`).
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};

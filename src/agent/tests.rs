@@ -383,3 +383,57 @@ fn debug_redacts_the_key() {
     assert!(debug.contains("SHA256:"));
     assert!(!debug.contains(fixture!("rsa2048_pkcs1").lines().nth(3).unwrap()));
 }
+
+/// An in-memory connection: reads from a fixed byte string, records what is written.
+struct Duplex<'a> {
+    input: &'a [u8],
+    output: Vec<u8>,
+}
+
+impl std::io::Read for Duplex<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl std::io::Write for Duplex<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+proptest::proptest! {
+    /// Whatever a peer sends, the request loop ends without panicking, and everything it
+    /// wrote is a sequence of well-formed responses, one per complete request frame.
+    #[test]
+    fn serve_loop_survives_any_byte_stream(
+        noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        prefix_valid in proptest::prelude::any::<bool>(),
+    ) {
+        let agent = Agent::new(key(fixture!("ed25519_openssh")));
+        let mut input = Vec::new();
+        if prefix_valid {
+            write_frame(&mut input, &Request::RequestIdentities.encode()).unwrap();
+            write_frame(&mut input, &sign_request(&agent, &noise, 0).encode()).unwrap();
+        }
+        input.extend_from_slice(&noise);
+        let mut duplex = Duplex { input: &input, output: Vec::new() };
+        let mut stats = AgentStats::default();
+        let _ = agent.serve_frames(&mut duplex, &mut stats, || Ok(true));
+        let mut answers = duplex.output.as_slice();
+        let mut count = 0u32;
+        while let Some(body) = read_frame(&mut answers).unwrap() {
+            Response::decode(&body).unwrap();
+            count += 1;
+        }
+        proptest::prop_assert!(stats.signatures_made <= stats.sign_requests);
+        proptest::prop_assert!(stats.sign_requests <= count);
+        if prefix_valid {
+            proptest::prop_assert!(count >= 2);
+            proptest::prop_assert!(stats.signatures_made >= 1);
+        }
+    }
+}

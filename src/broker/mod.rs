@@ -135,6 +135,12 @@ pub fn main(argv: &[String]) -> i32 {
     let ready = unsafe { fs::File::from_raw_fd(args.ready_fd) };
     // SAFETY: as above.
     let lifetime = unsafe { OwnedFd::from_raw_fd(args.lifetime_fd) };
+    // Neither pipe may leak into the onward ssh processes.
+    // SAFETY: fcntl on descriptors we own.
+    unsafe {
+        libc::fcntl(lifetime.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(ready.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+    }
     match start(args) {
         Ok((broker, listener, session_dir, socket)) => {
             let mut ready = ready;

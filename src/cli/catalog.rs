@@ -36,7 +36,9 @@ pub struct SecretMeta {
 impl SecretMeta {
     /// Whether the secret is scheduled for deletion.
     pub fn pending_deletion(&self) -> bool {
-        self.planned_delete_time.as_deref().is_some_and(|t| !t.is_empty())
+        self.planned_delete_time
+            .as_deref()
+            .is_some_and(|t| !t.is_empty())
     }
 
     /// `Enabled (every 7d, next 2026-…)`, `Disabled`, or `-`.
@@ -78,7 +80,9 @@ pub trait SecretCatalog {
 
 /// Reads the ExtendedConfig fields we use from whatever form the client hands over (a JSON
 /// object, or the JSON string KMS sends).
-pub fn extended_fields(ext: Option<&serde_json::Value>) -> (Option<String>, Option<String>, Option<String>) {
+pub fn extended_fields(
+    ext: Option<&serde_json::Value>,
+) -> (Option<String>, Option<String>, Option<String>) {
     let parsed;
     let obj = match ext {
         Some(serde_json::Value::String(s)) => {
@@ -172,10 +176,17 @@ mod tests {
         );
         assert_eq!(
             extended_fields(Some(&s)),
-            (Some("i-web01".into()), Some("SSHKey".into()), Some("root".into()))
+            (
+                Some("i-web01".into()),
+                Some("SSHKey".into()),
+                Some("root".into())
+            )
         );
         let o = serde_json::json!({"InstanceId": "i-2", "SecretSubType": "Password"});
-        assert_eq!(extended_fields(Some(&o)), (Some("i-2".into()), Some("Password".into()), None));
+        assert_eq!(
+            extended_fields(Some(&o)),
+            (Some("i-2".into()), Some("Password".into()), None)
+        );
         assert_eq!(extended_fields(None), (None, None, None));
     }
 

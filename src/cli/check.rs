@@ -121,15 +121,16 @@ pub fn run(
         for f in &findings {
             println!("{:<4}  {}: {}", f.status.label(), f.subject, f.detail);
         }
-        println!(
-            "check: {} failure(s), {} warning(s)",
-            fails, warns
-        );
+        println!("check: {} failure(s), {} warning(s)", fails, warns);
     }
     if let Some(e) = kms_down {
         return Err(CliError::kms("cannot check the secrets", e));
     }
-    Ok(if fails == 0 { Outcome::Ok } else { Outcome::Findings })
+    Ok(if fails == 0 {
+        Outcome::Ok
+    } else {
+        Outcome::Findings
+    })
 }
 
 /// DescribeSecret for every host account. Returns the error when KMS itself is unusable
@@ -147,12 +148,19 @@ fn check_secrets(cfg: &Config, kms: &KmsClient, findings: &mut Vec<Finding>) -> 
                 findings.push(Finding::new(
                     Status::Ok,
                     "kms",
-                    format!("reachable; {} ECS secret(s) listed, no host accounts configured yet", names.len()),
+                    format!(
+                        "reachable; {} ECS secret(s) listed, no host accounts configured yet",
+                        names.len()
+                    ),
                 ));
                 None
             }
             Err(e) => {
-                findings.push(Finding::new(Status::Fail, "kms", format!("ListSecrets: {e}")));
+                findings.push(Finding::new(
+                    Status::Fail,
+                    "kms",
+                    format!("ListSecrets: {e}"),
+                ));
                 Some(e)
             }
         };
@@ -249,16 +257,25 @@ fn check_host_key(host: &Host, scanner: &dyn HostKeyScanner) -> Finding {
         return Finding::new(
             Status::Fail,
             subject,
-            format!("no pinned host key: onward connections are refused; run `kmsbastion keyscan {}`", host.name),
+            format!(
+                "no pinned host key: onward connections are refused; run `kmsbastion keyscan {}`",
+                host.name
+            ),
         );
     }
-    let scanned = match scanner.scan(&host.address, host.port).and_then(|raw| parse_scan(&raw)) {
+    let scanned = match scanner
+        .scan(&host.address, host.port)
+        .and_then(|raw| parse_scan(&raw))
+    {
         Ok(k) => k,
         Err(e) => {
             return Finding::new(
                 Status::Fail,
                 subject,
-                format!("cannot fetch its host keys ({} port {}): {e}", host.address, host.port),
+                format!(
+                    "cannot fetch its host keys ({} port {}): {e}",
+                    host.address, host.port
+                ),
             )
         }
     };
@@ -290,7 +307,12 @@ fn check_host_key(host: &Host, scanner: &dyn HostKeyScanner) -> Finding {
         Finding::new(
             Status::Ok,
             subject,
-            format!("{} port {}: host key pinned ({})", host.address, host.port, offered.join(", ")),
+            format!(
+                "{} port {}: host key pinned ({})",
+                host.address,
+                host.port,
+                offered.join(", ")
+            ),
         )
     };
     f.data = serde_json::json!({"address": host.address, "port": host.port, "offered": offered});

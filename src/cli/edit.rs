@@ -175,7 +175,12 @@ impl ConfigDocument {
         Ok(table
             .get("host_keys")
             .and_then(Item::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -365,8 +370,12 @@ uid = 64001
     #[test]
     fn adds_accounts_in_place_keeping_comments_and_indentation() {
         let mut d = doc();
-        assert!(d.add_account("web-01", &acct("deploy", "acs/ecs/web-01/deploy")).unwrap());
-        assert!(d.add_account("web-02", &acct("deploy", "acs/ecs/web-02/deploy")).unwrap());
+        assert!(d
+            .add_account("web-01", &acct("deploy", "acs/ecs/web-01/deploy"))
+            .unwrap());
+        assert!(d
+            .add_account("web-02", &acct("deploy", "acs/ecs/web-02/deploy"))
+            .unwrap());
         let out = d.render();
         let want = CONFIG
             .replace(
@@ -383,22 +392,41 @@ uid = 64001
     #[test]
     fn adding_the_same_account_twice_changes_nothing() {
         let mut d = doc();
-        assert!(!d.add_account("web-01", &acct("root", "acs/ecs/web-01/root")).unwrap());
+        assert!(!d
+            .add_account("web-01", &acct("root", "acs/ecs/web-01/root"))
+            .unwrap());
         assert!(!d.is_modified());
-        let err = d.add_account("web-01", &acct("root", "acs/ecs/other")).unwrap_err();
+        let err = d
+            .add_account("web-01", &acct("root", "acs/ecs/other"))
+            .unwrap_err();
         assert!(err.to_string().contains("already uses secret"), "{err}");
-        assert!(d.add_account("db-01", &acct("root", "x")).unwrap_err().to_string().contains("no [[host]] named"));
+        assert!(d
+            .add_account("db-01", &acct("root", "x"))
+            .unwrap_err()
+            .to_string()
+            .contains("no [[host]] named"));
     }
 
     #[test]
     fn pins_host_keys_one_per_line_and_replaces_old_pins() {
         let mut d = doc();
-        d.set_host_keys("web-02", &["ssh-ed25519 AAAA1".into(), "ecdsa-sha2-nistp256 AAAA2".into()]).unwrap();
+        d.set_host_keys(
+            "web-02",
+            &[
+                "ssh-ed25519 AAAA1".into(),
+                "ecdsa-sha2-nistp256 AAAA2".into(),
+            ],
+        )
+        .unwrap();
         let out = d.render();
         assert!(out.contains("address = \"127.0.0.3\"\nhost_keys = [\n    \"ssh-ed25519 AAAA1\",\n    \"ecdsa-sha2-nistp256 AAAA2\",\n]\n"), "{out}");
         assert_eq!(d.host_keys("web-02").unwrap().len(), 2);
-        d.set_host_keys("web-02", &["ssh-ed25519 AAAA3".into()]).unwrap();
-        assert_eq!(d.host_keys("web-02").unwrap(), vec!["ssh-ed25519 AAAA3".to_string()]);
+        d.set_host_keys("web-02", &["ssh-ed25519 AAAA3".into()])
+            .unwrap();
+        assert_eq!(
+            d.host_keys("web-02").unwrap(),
+            vec!["ssh-ed25519 AAAA3".to_string()]
+        );
         assert!(d.render().contains("# the front end"));
     }
 
@@ -419,7 +447,11 @@ uid = 64001
         assert!(d.save(|_, _| Ok::<(), ()>(())).unwrap());
         assert_eq!(fs::read_to_string(&path).unwrap(), d.render());
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
     }
 
     #[test]
@@ -430,8 +462,14 @@ uid = 64001
         let mut d = ConfigDocument::load(&path).unwrap();
         d.add_account("web-02", &acct("deploy", "s")).unwrap();
         fs::write(&path, "# edited by someone else\n").unwrap();
-        assert!(matches!(d.save(|_, _| Ok::<(), ()>(())), Err(SaveError::Edit(EditError::Raced { .. }))));
-        assert_eq!(fs::read_to_string(&path).unwrap(), "# edited by someone else\n");
+        assert!(matches!(
+            d.save(|_, _| Ok::<(), ()>(())),
+            Err(SaveError::Edit(EditError::Raced { .. }))
+        ));
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "# edited by someone else\n"
+        );
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -25,13 +25,25 @@ pub struct Step {
 
 impl Step {
     fn pass(name: &'static str, detail: impl Into<String>) -> Self {
-        Self { name, passed: Some(true), detail: detail.into() }
+        Self {
+            name,
+            passed: Some(true),
+            detail: detail.into(),
+        }
     }
     fn fail(name: &'static str, detail: impl Into<String>) -> Self {
-        Self { name, passed: Some(false), detail: detail.into() }
+        Self {
+            name,
+            passed: Some(false),
+            detail: detail.into(),
+        }
     }
     fn skip(name: &'static str, detail: impl Into<String>) -> Self {
-        Self { name, passed: None, detail: detail.into() }
+        Self {
+            name,
+            passed: None,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -46,8 +58,11 @@ pub fn run(
 ) -> Result<Outcome, CliError> {
     let cfg = load_config_quiet(cli)?;
     let now = match at {
-        Some(t) => parse_rfc3339_utc(t)
-            .map_err(|e| CliError::Usage(format!("--at {t:?}: {e} (use RFC 3339 UTC, e.g. 2026-07-01T09:00:00Z)")))?,
+        Some(t) => parse_rfc3339_utc(t).map_err(|e| {
+            CliError::Usage(format!(
+                "--at {t:?}: {e} (use RFC 3339 UTC, e.g. 2026-07-01T09:00:00Z)"
+            ))
+        })?,
         None => SystemTime::now(),
     };
     let mut steps = Vec::new();
@@ -55,14 +70,20 @@ pub fn run(
     let parsed = Login::parse(login);
     match parsed {
         Err(e) => {
-            steps.push(Step::fail("login string", format!("{login:?} is not a valid login: {e}; sshd finds no such user")));
+            steps.push(Step::fail(
+                "login string",
+                format!("{login:?} is not a valid login: {e}; sshd finds no such user"),
+            ));
             engineer_sees = Some("Permission denied (publickey).".to_string());
         }
         Ok(Login::Plain(engineer)) => plain(&cfg, &engineer, from, now, &mut steps),
         Ok(Login::Composite(ls)) => {
             steps.push(Step::pass(
                 "login string",
-                format!("engineer {}, account {}, host {}", ls.engineer, ls.account, ls.host),
+                format!(
+                    "engineer {}, account {}, host {}",
+                    ls.engineer, ls.account, ls.host
+                ),
             ));
             engineer_sees = composite(&cfg, &ls, from, now, offline, &mut steps)?;
         }
@@ -107,24 +128,43 @@ pub fn run(
             }
         }
     }
-    Ok(if refused_at.is_none() { Outcome::Ok } else { Outcome::Findings })
+    Ok(if refused_at.is_none() {
+        Outcome::Ok
+    } else {
+        Outcome::Findings
+    })
 }
 
 /// A plain `alice` login: the listing of what alice may reach.
-fn plain(cfg: &Config, engineer: &str, from: Option<IpAddr>, now: SystemTime, steps: &mut Vec<Step>) {
+fn plain(
+    cfg: &Config,
+    engineer: &str,
+    from: Option<IpAddr>,
+    now: SystemTime,
+    steps: &mut Vec<Step>,
+) {
     let Some(e) = cfg.engineer(engineer) else {
-        steps.push(Step::fail("login string", format!("no engineer {engineer:?}: sshd finds no such user")));
+        steps.push(Step::fail(
+            "login string",
+            format!("no engineer {engineer:?}: sshd finds no such user"),
+        ));
         return;
     };
     steps.push(Step::pass(
         "login string",
-        format!("plain login of engineer {}: lists what {} may reach", e.name, e.name),
+        format!(
+            "plain login of engineer {}: lists what {} may reach",
+            e.name, e.name
+        ),
     ));
     let reach = grant::reachable(cfg, engineer, from, now);
     if reach.is_empty() {
         steps.push(Step::pass("reachable", "nothing (the listing is empty)"));
     } else {
-        let list: Vec<String> = reach.iter().map(|(a, h)| format!("{e}@{a}@{h}", e = e.name)).collect();
+        let list: Vec<String> = reach
+            .iter()
+            .map(|(a, h)| format!("{e}@{a}@{h}", e = e.name))
+            .collect();
         steps.push(Step::pass("reachable", list.join(", ")));
     }
 }
@@ -151,7 +191,10 @@ fn composite(
         } else {
             format!("host {} has no account {:?}", ls.host, ls.account)
         };
-        steps.push(Step::fail("NSS entry", format!("{why}: sshd finds no such user")));
+        steps.push(Step::fail(
+            "NSS entry",
+            format!("{why}: sshd finds no such user"),
+        ));
         return Ok(denied_pubkey);
     };
     steps.push(Step::pass(
@@ -197,7 +240,11 @@ fn composite(
         let fps: Vec<String> = engineer
             .keys
             .iter()
-            .map(|k| parse_key(k).map(|p| p.fingerprint).unwrap_or_else(|_| "?".into()))
+            .map(|k| {
+                parse_key(k)
+                    .map(|p| p.fingerprint)
+                    .unwrap_or_else(|_| "?".into())
+            })
             .collect();
         let opts: Vec<String> = restrictions
             .iter()
@@ -215,7 +262,12 @@ fn composite(
             .collect();
         steps.push(Step::pass(
             "keys (AKC)",
-            format!("{} key(s) [{}] offered with {}", fps.len(), fps.join(", "), opts.join(" | ")),
+            format!(
+                "{} key(s) [{}] offered with {}",
+                fps.len(),
+                fps.join(", "),
+                opts.join(" | ")
+            ),
         ));
     }
 
@@ -226,7 +278,10 @@ fn composite(
             format!(
                 "allowed by grant #{rule} (line {}){}",
                 cfg.grants.get(rule).map_or(0, |g| g.line),
-                not_after.map_or(String::new(), |t| format!(" until {}", format_rfc3339_utc(t)))
+                not_after.map_or(String::new(), |t| format!(
+                    " until {}",
+                    format_rfc3339_utc(t)
+                ))
             ),
         )),
         Decision::Deny(reason) => {
@@ -239,14 +294,21 @@ fn composite(
 
     // 4. The secret's metadata (DescribeSecret: never the value).
     if offline {
-        steps.push(Step::skip("secret", format!("{} (not asked: --offline)", account.secret)));
+        steps.push(Step::skip(
+            "secret",
+            format!("{} (not asked: --offline)", account.secret),
+        ));
     } else {
         let kms = kms_client(cfg)?;
         match kms.describe(&account.secret) {
             Ok(meta) if meta.pending_deletion() => {
                 steps.push(Step::fail(
                     "secret",
-                    format!("{} is pending deletion (planned {})", account.secret, meta.planned_delete_time.as_deref().unwrap_or("?")),
+                    format!(
+                        "{} is pending deletion (planned {})",
+                        account.secret,
+                        meta.planned_delete_time.as_deref().unwrap_or("?")
+                    ),
                 ));
                 first_refusal.get_or_insert_with(|| gone_message(ls, &account.secret));
             }
@@ -256,15 +318,31 @@ fn composite(
                     "{} exists ({}{}), rotation {}",
                     account.secret,
                     meta.secret_type,
-                    meta.subtype.as_deref().map(|s| format!("/{s}")).unwrap_or_default(),
+                    meta.subtype
+                        .as_deref()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default(),
                     meta.rotation_summary()
                 ),
             )),
-            Err(e) if matches!(e.kind, KmsErrorKind::NotFound | KmsErrorKind::PendingDeletion) => {
-                steps.push(Step::fail("secret", format!("{} no longer exists in KMS ({e})", account.secret)));
+            Err(e)
+                if matches!(
+                    e.kind,
+                    KmsErrorKind::NotFound | KmsErrorKind::PendingDeletion
+                ) =>
+            {
+                steps.push(Step::fail(
+                    "secret",
+                    format!("{} no longer exists in KMS ({e})", account.secret),
+                ));
                 first_refusal.get_or_insert_with(|| gone_message(ls, &account.secret));
             }
-            Err(e) => return Err(CliError::kms(format!("DescribeSecret {}", account.secret), e)),
+            Err(e) => {
+                return Err(CliError::kms(
+                    format!("DescribeSecret {}", account.secret),
+                    e,
+                ))
+            }
         }
     }
 
@@ -272,11 +350,17 @@ fn composite(
     if host.host_keys.is_empty() {
         steps.push(Step::fail(
             "host key",
-            format!("{} has no pinned host key; run `kmsbastion keyscan {}`", host.name, host.name),
+            format!(
+                "{} has no pinned host key; run `kmsbastion keyscan {}`",
+                host.name, host.name
+            ),
         ));
         first_refusal.get_or_insert_with(|| format!("host key of {} changed; refusing", host.name));
     } else {
-        steps.push(Step::pass("host key", format!("{} key(s) pinned for {}", host.host_keys.len(), host.name)));
+        steps.push(Step::pass(
+            "host key",
+            format!("{} key(s) pinned for {}", host.host_keys.len(), host.name),
+        ));
     }
     Ok(first_refusal)
 }

@@ -30,7 +30,11 @@ pub struct GrantRow {
 /// Every (engineer, account@host, rule) the configuration allows, in file order.
 pub fn rows(cfg: &Config, only: Option<&str>, now: SystemTime) -> Vec<GrantRow> {
     let mut out = Vec::new();
-    for engineer in cfg.engineers.iter().filter(|e| only.map_or(true, |o| e.name == o)) {
+    for engineer in cfg
+        .engineers
+        .iter()
+        .filter(|e| only.map_or(true, |o| e.name == o))
+    {
         let before = out.len();
         for (i, rule) in cfg.grants.iter().enumerate() {
             if !rule.applies_to(engineer) {
@@ -39,7 +43,13 @@ pub fn rows(cfg: &Config, only: Option<&str>, now: SystemTime) -> Vec<GrantRow> 
             for host in &cfg.hosts {
                 for account in &host.accounts {
                     if rule.covers(&account.name, &host.name) {
-                        out.push(row(engineer, rule, i, format!("{}@{}", account.name, host.name), now));
+                        out.push(row(
+                            engineer,
+                            rule,
+                            i,
+                            format!("{}@{}", account.name, host.name),
+                            now,
+                        ));
                     }
                 }
             }
@@ -61,8 +71,14 @@ pub fn rows(cfg: &Config, only: Option<&str>, now: SystemTime) -> Vec<GrantRow> 
     out
 }
 
-fn row(engineer: &Engineer, rule: &GrantRule, index: usize, target: String, now: SystemTime) -> GrantRow {
-    let via = if rule.engineers.iter().any(|e| *e == engineer.name) {
+fn row(
+    engineer: &Engineer,
+    rule: &GrantRule,
+    index: usize,
+    target: String,
+    now: SystemTime,
+) -> GrantRow {
+    let via = if rule.engineers.contains(&engineer.name) {
         "engineer".to_string()
     } else {
         let groups: Vec<&str> = rule
@@ -130,9 +146,17 @@ pub fn run(cli: &Cli, engineer: Option<&str>, json: bool) -> Result<Outcome, Cli
         .map(|r| {
             vec![
                 r.engineer.clone(),
-                if r.target.is_empty() { "-".into() } else { r.target.clone() },
+                if r.target.is_empty() {
+                    "-".into()
+                } else {
+                    r.target.clone()
+                },
                 r.line.map_or("-".into(), |l| format!("line {l}")),
-                if r.via.is_empty() { "-".into() } else { r.via.clone() },
+                if r.via.is_empty() {
+                    "-".into()
+                } else {
+                    r.via.clone()
+                },
                 if r.rule.is_none() {
                     "-".into()
                 } else if r.from.is_empty() {
@@ -152,7 +176,16 @@ pub fn run(cli: &Cli, engineer: Option<&str>, json: bool) -> Result<Outcome, Cli
         print!(
             "{}",
             table(
-                &["ENGINEER", "ACCOUNT@HOST", "RULE", "VIA", "FROM", "NOT BEFORE", "NOT AFTER", "STATE"],
+                &[
+                    "ENGINEER",
+                    "ACCOUNT@HOST",
+                    "RULE",
+                    "VIA",
+                    "FROM",
+                    "NOT BEFORE",
+                    "NOT AFTER",
+                    "STATE"
+                ],
                 &table_rows
             )
         );

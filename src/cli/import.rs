@@ -46,7 +46,10 @@ pub fn run(
     let kms = kms_client(&cfg)?;
     let changes = plan_and_apply(cli, &host, named, dry_run, &kms)?;
 
-    let added = changes.iter().filter(|c| matches!(c, Change::Added { .. })).count();
+    let added = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Added { .. }))
+        .count();
     if json {
         print_json(&serde_json::json!({
             "host": host.name,
@@ -66,14 +69,20 @@ pub fn run(
                     host.name
                 ),
                 Change::Unchanged { account, secret } => {
-                    println!("unchanged: {account}@{} <- {secret} (already imported)", host.name)
+                    println!(
+                        "unchanged: {account}@{} <- {secret} (already imported)",
+                        host.name
+                    )
                 }
             }
         }
         match (added, dry_run) {
             (0, _) if changes.is_empty() => {}
             (0, _) => println!("{}: nothing to change", cli.config.display()),
-            (n, true) => println!("dry run: {n} account(s) would be added to {}", cli.config.display()),
+            (n, true) => println!(
+                "dry run: {n} account(s) would be added to {}",
+                cli.config.display()
+            ),
             (n, false) => println!("{}: {n} account(s) added", cli.config.display()),
         }
     }
@@ -235,7 +244,12 @@ fn account_name(meta: &SecretMeta, kms: &dyn SecretCatalog) -> Result<String, Cl
         Some(u) => u.clone(),
         None => kms
             .user_name(&meta.name)
-            .map_err(|e| CliError::kms(format!("GetSecretValue {} (for its UserName)", meta.name), e))?
+            .map_err(|e| {
+                CliError::kms(
+                    format!("GetSecretValue {} (for its UserName)", meta.name),
+                    e,
+                )
+            })?
             .ok_or_else(|| {
                 CliError::Refused(format!(
                     "secret {} has no UserName in its value; it is not an ECS-shaped secret",

@@ -91,7 +91,12 @@ pub fn parse_scan(output: &str) -> Result<Vec<ScannedKey>, String> {
         let mut fields = line.split_whitespace();
         let (_host, algorithm, blob) = match (fields.next(), fields.next(), fields.next()) {
             (Some(h), Some(a), Some(b)) => (h, a, b),
-            _ => return Err(format!("ssh-keyscan output line {}: expected `host algorithm key`", n + 1)),
+            _ => {
+                return Err(format!(
+                    "ssh-keyscan output line {}: expected `host algorithm key`",
+                    n + 1
+                ))
+            }
         };
         keys.insert(parse_key(&format!("{algorithm} {blob}"))?);
     }
@@ -152,15 +157,27 @@ pub fn compare(pinned: &[String], scanned: &[ScannedKey]) -> PinComparison {
         .iter()
         .map(|p| (p.clone(), parse_key(p).ok().map(|k| k.openssh)))
         .collect();
-    let is_pinned = |k: &ScannedKey| pinned_keys.iter().any(|(_, o)| o.as_deref() == Some(k.openssh.as_str()));
+    let is_pinned = |k: &ScannedKey| {
+        pinned_keys
+            .iter()
+            .any(|(_, o)| o.as_deref() == Some(k.openssh.as_str()))
+    };
     let matching = scanned.iter().filter(|k| is_pinned(k)).cloned().collect();
     let new = scanned.iter().filter(|k| !is_pinned(k)).cloned().collect();
     let gone = pinned_keys
         .into_iter()
-        .filter(|(_, o)| !scanned.iter().any(|k| Some(k.openssh.as_str()) == o.as_deref()))
+        .filter(|(_, o)| {
+            !scanned
+                .iter()
+                .any(|k| Some(k.openssh.as_str()) == o.as_deref())
+        })
         .map(|(p, _)| p)
         .collect();
-    PinComparison { matching, new, gone }
+    PinComparison {
+        matching,
+        new,
+        gone,
+    }
 }
 
 /// `kmsbastion keyscan HOST [--yes]`.
@@ -205,7 +222,11 @@ pub fn run(
             "unchanged": cmp.unchanged(),
             "written": written,
         }));
-        return Ok(if cmp.unchanged() || written { Outcome::Ok } else { Outcome::Findings });
+        return Ok(if cmp.unchanged() || written {
+            Outcome::Ok
+        } else {
+            Outcome::Findings
+        });
     }
 
     println!(
@@ -221,13 +242,20 @@ pub fn run(
             vec![
                 k.algorithm.clone(),
                 k.fingerprint.clone(),
-                if cmp.matching.contains(k) { "pinned" } else { "new" }.to_string(),
+                if cmp.matching.contains(k) {
+                    "pinned"
+                } else {
+                    "new"
+                }
+                .to_string(),
             ]
         })
         .collect();
     print!("{}", table(&["ALGORITHM", "FINGERPRINT", "STATE"], &rows));
     for gone in &cmp.gone {
-        let shown = parse_key(gone).map(|k| k.fingerprint).unwrap_or_else(|_| abbreviate(gone));
+        let shown = parse_key(gone)
+            .map(|k| k.fingerprint)
+            .unwrap_or_else(|_| abbreviate(gone));
         println!("pinned but no longer offered (will be removed): {shown}");
     }
     if cmp.unchanged() {
@@ -240,12 +268,14 @@ pub fn run(
              something is intercepting the connection. Check the fingerprints on the host's console."
         );
     }
-    if !yes && !confirm(&format!(
-        "Pin these {} key(s) for {} in {}? [y/N] ",
-        scanned.len(),
-        host.name,
-        cli.config.display()
-    ))? {
+    if !yes
+        && !confirm(&format!(
+            "Pin these {} key(s) for {} in {}? [y/N] ",
+            scanned.len(),
+            host.name,
+            cli.config.display()
+        ))?
+    {
         println!("not pinned; nothing changed");
         return Ok(Outcome::Findings);
     }
@@ -296,8 +326,10 @@ fn confirm(question: &str) -> Result<bool, CliError> {
 mod tests {
     use super::*;
 
-    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGM55JCfXuIE0FPMKbcyPJCzdwvaKan9ffNJ8Qxe7XDE";
-    const ED2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIObC5Ry7yVluV/N47AfsknQL2gSP40rg8qoRALg5VFw5";
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGM55JCfXuIE0FPMKbcyPJCzdwvaKan9ffNJ8Qxe7XDE";
+    const ED2: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIObC5Ry7yVluV/N47AfsknQL2gSP40rg8qoRALg5VFw5";
 
     struct Fake(Result<String, String>);
     impl HostKeyScanner for Fake {
@@ -308,7 +340,9 @@ mod tests {
 
     #[test]
     fn parses_keyscan_output_with_comments_and_ports() {
-        let out = format!("# 127.0.0.2:22 SSH-2.0-OpenSSH_9.2p1\n[127.0.0.2]:2222 {ED}\n127.0.0.2 {ED}\n\n");
+        let out = format!(
+            "# 127.0.0.2:22 SSH-2.0-OpenSSH_9.2p1\n[127.0.0.2]:2222 {ED}\n127.0.0.2 {ED}\n\n"
+        );
         let keys = parse_scan(&Fake(Ok(out)).scan("127.0.0.2", 22).unwrap()).unwrap();
         assert_eq!(keys.len(), 1, "duplicates collapse");
         assert_eq!(keys[0].openssh, ED);
@@ -338,8 +372,6 @@ mod tests {
     const CONFIG: &str = "# test\n[kms]\nendpoint = \"http://127.0.0.1:9\"\n\n[[host]]\nname = \"web-01\"  # keep me\naddress = \"127.0.0.2\"\n\n[[host]]\nname = \"web-02\"\naddress = \"127.0.0.3\"\nhost_keys = [\"ED2\"]\n";
 
     fn setup() -> (tempfile::TempDir, std::path::PathBuf, String) {
-        use clap::Parser as _;
-        let _ = super::Cli::parse_from(["kmsbastion", "keyscan", "x"]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kmsbastion.toml");
         let text = CONFIG.replace("ED2", ED2);
@@ -349,7 +381,14 @@ mod tests {
 
     fn cli(path: &std::path::Path) -> Cli {
         use clap::Parser as _;
-        Cli::parse_from(["kmsbastion", "--config", path.to_str().unwrap(), "keyscan", "web-01", "--yes"])
+        Cli::parse_from([
+            "kmsbastion",
+            "--config",
+            path.to_str().unwrap(),
+            "keyscan",
+            "web-01",
+            "--yes",
+        ])
     }
 
     #[test]
@@ -367,7 +406,10 @@ mod tests {
             )
         );
         // Same keys again: nothing written.
-        assert_eq!(run(&cli(&path), "web-01", true, false, &scan).unwrap(), Outcome::Ok);
+        assert_eq!(
+            run(&cli(&path), "web-01", true, false, &scan).unwrap(),
+            Outcome::Ok
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), after);
     }
 
@@ -376,9 +418,15 @@ mod tests {
         let (_dir, path, text) = setup();
         let scan = Fake(Ok(format!("127.0.0.3 {ED}\n")));
         // JSON mode without --yes never writes.
-        assert_eq!(run(&cli(&path), "web-02", false, true, &scan).unwrap(), Outcome::Findings);
+        assert_eq!(
+            run(&cli(&path), "web-02", false, true, &scan).unwrap(),
+            Outcome::Findings
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
-        assert_eq!(run(&cli(&path), "web-02", true, false, &scan).unwrap(), Outcome::Ok);
+        assert_eq!(
+            run(&cli(&path), "web-02", true, false, &scan).unwrap(),
+            Outcome::Ok
+        );
         let after = std::fs::read_to_string(&path).unwrap();
         assert!(after.contains(ED) && !after.contains(ED2), "{after}");
         assert!(after.contains("# keep me"));
@@ -387,12 +435,33 @@ mod tests {
     #[test]
     fn run_failures_leave_the_file_alone() {
         let (_dir, path, text) = setup();
-        let err = run(&cli(&path), "web-01", true, false, &Fake(Err("connection refused".into()))).unwrap_err();
+        let err = run(
+            &cli(&path),
+            "web-01",
+            true,
+            false,
+            &Fake(Err("connection refused".into())),
+        )
+        .unwrap_err();
         assert_eq!(err.exit_code(), super::super::EXIT_SYSTEM);
         assert!(err.to_string().contains("connection refused"), "{err}");
-        let err = run(&cli(&path), "web-01", true, false, &Fake(Ok("h ssh-ed25519 AAAA\n".into()))).unwrap_err();
+        let err = run(
+            &cli(&path),
+            "web-01",
+            true,
+            false,
+            &Fake(Ok("h ssh-ed25519 AAAA\n".into())),
+        )
+        .unwrap_err();
         assert_eq!(err.exit_code(), super::super::EXIT_SYSTEM);
-        let err = run(&cli(&path), "db-01", true, false, &Fake(Ok(format!("h {ED}\n")))).unwrap_err();
+        let err = run(
+            &cli(&path),
+            "db-01",
+            true,
+            false,
+            &Fake(Ok(format!("h {ED}\n"))),
+        )
+        .unwrap_err();
         assert_eq!(err.exit_code(), super::super::EXIT_USAGE);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     }
@@ -401,6 +470,9 @@ mod tests {
     fn fingerprint_matches_ssh_keygen() {
         // `echo "$ED" | ssh-keygen -lf -` prints this fingerprint.
         let k = parse_key(ED).unwrap();
-        assert_eq!(k.fingerprint, "SHA256:tMJ8JXxRzn8BhpKZIdghAw7uFrmSegDZ0xqtoP5ed5g");
+        assert_eq!(
+            k.fingerprint,
+            "SHA256:tMJ8JXxRzn8BhpKZIdghAw7uFrmSegDZ0xqtoP5ed5g"
+        );
     }
 }

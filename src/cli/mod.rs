@@ -247,13 +247,20 @@ pub(crate) fn kms_client(cfg: &Config) -> Result<KmsClient, CliError> {
 }
 
 /// The host named `name`, or a usage error listing the known ones.
-pub(crate) fn find_host<'a>(cfg: &'a Config, name: &str) -> Result<&'a crate::config::Host, CliError> {
+pub(crate) fn find_host<'a>(
+    cfg: &'a Config,
+    name: &str,
+) -> Result<&'a crate::config::Host, CliError> {
     cfg.host(name).ok_or_else(|| {
         let known: Vec<&str> = cfg.hosts.iter().map(|h| h.name.as_str()).collect();
         CliError::Usage(format!(
             "no host {name:?} in {} (known hosts: {})",
             cfg.origin().display(),
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         ))
     })
 }
@@ -327,5 +334,64 @@ pub fn main() -> ExitCode {
             }
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_error_maps_to_its_documented_exit_code() {
+        let kms = KmsError::new(crate::kms::KmsErrorKind::Unavailable, "down");
+        let table: [(CliError, u8); 4] = [
+            (CliError::Usage("x".into()), 2),
+            (CliError::Refused("x".into()), 1),
+            (CliError::kms("ListSecrets", kms), 3),
+            (CliError::System("x".into()), 4),
+        ];
+        for (err, code) in table {
+            assert_eq!(err.exit_code(), code, "{err}");
+        }
+        let raced = CliError::from(EditError::Raced { path: "/x".into() });
+        assert_eq!(raced.exit_code(), EXIT_SYSTEM);
+    }
+
+    #[test]
+    fn secrets_list_host_and_instance_id_are_exclusive() {
+        let r = Cli::try_parse_from([
+            "kmsbastion",
+            "secrets",
+            "list",
+            "--host",
+            "a",
+            "--instance-id",
+            "i",
+        ]);
+        assert!(r.is_err());
+        let c = Cli::try_parse_from([
+            "kmsbastion",
+            "import",
+            "--host",
+            "web-01",
+            "--secret",
+            "a",
+            "--secret",
+            "b",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Import { secrets, .. } => {
+                assert_eq!(secrets, vec!["a".to_string(), "b".to_string()])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.config, PathBuf::from(DEFAULT_CONFIG_PATH));
     }
 }

@@ -20,7 +20,11 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         for (i, cell) in cells.iter().enumerate() {
             out.push_str(cell);
             if i < last {
-                let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(cell.chars().count());
+                let pad = widths
+                    .get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(cell.chars().count());
                 out.push_str(&" ".repeat(pad + 2));
             }
         }

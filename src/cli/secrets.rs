@@ -35,8 +35,13 @@ pub fn list(
 }
 
 /// Lists and describes the ECS secrets, keeping those of `instance` when given.
-pub fn collect(kms: &dyn SecretCatalog, instance: Option<&str>) -> Result<Vec<SecretMeta>, CliError> {
-    let names = kms.list_ecs().map_err(|e| CliError::kms("ListSecrets", e))?;
+pub fn collect(
+    kms: &dyn SecretCatalog,
+    instance: Option<&str>,
+) -> Result<Vec<SecretMeta>, CliError> {
+    let names = kms
+        .list_ecs()
+        .map_err(|e| CliError::kms("ListSecrets", e))?;
     let mut progress = Progress::new();
     let mut out = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -105,18 +110,33 @@ fn print_listing(cfg: &Config, secrets: &[SecretMeta], json: bool) {
                 s.rotation_summary(),
                 s.next_rotation_date.clone().unwrap_or_else(|| "-".into()),
                 if s.pending_deletion() {
-                    format!("pending deletion ({})", s.planned_delete_time.as_deref().unwrap_or("?"))
+                    format!(
+                        "pending deletion ({})",
+                        s.planned_delete_time.as_deref().unwrap_or("?")
+                    )
                 } else {
                     "active".into()
                 },
-                if imported.is_empty() { "-".into() } else { imported.join(",") },
+                if imported.is_empty() {
+                    "-".into()
+                } else {
+                    imported.join(",")
+                },
             ]
         })
         .collect();
     print!(
         "{}",
         table(
-            &["SECRET", "INSTANCE", "SUBTYPE", "ROTATION", "NEXT ROTATION", "STATE", "IMPORTED AS"],
+            &[
+                "SECRET",
+                "INSTANCE",
+                "SUBTYPE",
+                "ROTATION",
+                "NEXT ROTATION",
+                "STATE",
+                "IMPORTED AS"
+            ],
             &rows
         )
     );
