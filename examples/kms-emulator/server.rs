@@ -4,12 +4,12 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use serde_json::{json, Map, Value};
-use tiny_http::{Header, Method, Request, Response};
+use tiny_http::{Method, Request};
 
 use kmsbastion::kms::sign;
 
@@ -331,28 +331,51 @@ fn decode(req: &mut Request) -> Result<Decoded, ApiError> {
 
 fn new_request_id() -> String {
     let b: [u8; 16] = rand::random();
-    let h = hex::encode_upper(b);
+    let part = |r: std::ops::Range<usize>| b.get(r).map(hex::encode_upper).unwrap_or_default();
     format!(
         "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
+        part(0..4),
+        part(4..6),
+        part(6..8),
+        part(8..10),
+        part(10..16)
     )
 }
 
+/// Sends the JSON answer, written by hand with `Connection: close`.
+///
+/// Why by hand: tiny_http 0.12 serves each connection as one task of a thread pool whose
+/// hand-off can leave a new connection queued behind tasks that never end while their
+/// keep-alive connections sit idle (seen as a 60 s stall with 50 concurrent SDK clients), and
+/// it drops any `Connection` header set on a `Response`. A client told `Connection: close`
+/// hangs up after one exchange, so every task ends promptly and the pool keeps moving.
 fn respond(req: Request, status: u16, body: &Value, request_id: &str) {
-    let mut response = Response::from_string(body.to_string()).with_status_code(status);
-    for (k, v) in [
-        ("Content-Type", "application/json;charset=utf-8"),
-        ("x-acs-request-id", request_id),
-    ] {
-        if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-            response.add_header(h);
-        }
-    }
-    if let Err(e) = req.respond(response) {
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json;charset=utf-8\r\nContent-Length: {}\r\nx-acs-request-id: {request_id}\r\nConnection: close\r\n\r\n",
+        tiny_http::StatusCode(status).default_reason_phrase(),
+        body.len()
+    );
+    let mut writer = req.into_writer();
+    let sent = writer
+        .write_all(head.as_bytes())
+        .and_then(|()| writer.write_all(body.as_bytes()))
+        .and_then(|()| writer.flush());
+    if let Err(e) = sent {
         eprintln!("kms-emulator: cannot send the response: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_look_like_kms_ones() {
+        let id = new_request_id();
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12]);
+        assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
+        assert_ne!(id, new_request_id());
     }
 }

@@ -323,6 +323,12 @@ def story(w: World, n: Narrator) -> None:
 
 def shell(w: World) -> None:
     key = w.engineers["alice"].key
+    # The story deleted web-02's secret; bring it back so both targets can be tried.
+    try:
+        w.kms.restore_secret(w.targets["web-02"].secret_name)
+        print("\n(RestoreSecret acs/ecs/web-02/deploy: the secret administrator undid the deletion)")
+    except KmsApiError as e:
+        print(f"\n(web-02's secret stays deleted: {e})")
     print(textwrap.dedent(f"""
         {BOLD}You are inside the running lab (a private namespace; nothing on the host changed).{RESET}
 
@@ -364,7 +370,7 @@ def main() -> int:
             story(w, n)
         except Exception as e:
             n.check("the story ran to its end", False, f"{type(e).__name__}: {e}")
-        print(f"\n{DIM}({time.monotonic() - started:.0f} s; daemon logs in {w.log_dir}){RESET}")
+        print(f"\n{DIM}({time.monotonic() - started:.0f} s; daemon logs in {w.log_dir}, copied to build/lab-logs/ on exit){RESET}")
         status = n.summary()
         if args.shell:
             shell(w)

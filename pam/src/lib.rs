@@ -125,7 +125,7 @@ fn item_string(c: Option<&CStr>) -> Option<String> {
 /// syslog(3) at AUTHPRIV without openlog: sshd keeps its own ident, our lines carry the
 /// module prefix.
 fn log(priority: libc::c_int, service: &str, stage: &str, msg: &str) {
-    let line = format!("pam_kmsbastion({service}:{stage}): {msg}").replace('\0', "?");
+    let line = format!("pam_kmsbastion({service}:{stage}): {msg}").replace(['\0', '\n', '\r'], " ");
     if let Ok(c) = CString::new(line) {
         // SAFETY: the format is a literal "%s" and the one argument a NUL-terminated string
         // that outlives the call.

@@ -246,6 +246,9 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
             .recursive(true)
             .create(&runtime)
             .map_err(|e| format!("creating {}: {e}", runtime.display()))?;
+        // Explicitly: the umask above would make it 0700, and engineers must traverse it.
+        fs::set_permissions(&runtime, fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod {}: {e}", runtime.display()))?;
     }
     let md = fs::symlink_metadata(&runtime).map_err(|e| format!("{}: {e}", runtime.display()))?;
     {

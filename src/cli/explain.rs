@@ -9,7 +9,7 @@ use super::catalog::SecretCatalog;
 use super::keyscan::parse_key;
 use super::output::print_json;
 use super::{kms_client, load_config_quiet, Cli, CliError, Outcome};
-use crate::config::{format_rfc3339_utc, format_ssh_expiry, parse_rfc3339_utc, Config};
+use crate::config::{format_rfc3339_utc, parse_rfc3339_utc, Config};
 use crate::grant::{self, Decision};
 use crate::kms::KmsErrorKind;
 use crate::login::{Login, LoginString};
@@ -197,16 +197,23 @@ fn composite(
         ));
         return Ok(denied_pubkey);
     };
-    steps.push(Step::pass(
-        "NSS entry",
-        format!(
-            "{ls}:x:{}:{}::{}:{}",
-            engineer.uid,
-            cfg.bastion.gid,
-            cfg.bastion.home.display(),
-            cfg.bastion.shell.display()
-        ),
-    ));
+    // What the NSS module serves for this name (the same function it calls).
+    match crate::passwd::passwd_by_name(cfg, &ls.to_string()) {
+        Some(p) => steps.push(Step::pass(
+            "NSS entry",
+            format!(
+                "{}:{}:{}:{}:{}:{}:{}",
+                p.name, p.passwd, p.uid, p.gid, p.gecos, p.dir, p.shell
+            ),
+        )),
+        None => {
+            steps.push(Step::fail(
+                "NSS entry",
+                "the NSS module serves no entry for this name",
+            ));
+            return Ok(denied_pubkey);
+        }
+    }
 
     // 2. AuthorizedKeysCommand: the engineer's keys with the restrictions of the live rules.
     let restrictions = grant::key_restrictions(cfg, ls, now);
@@ -248,17 +255,7 @@ fn composite(
             .collect();
         let opts: Vec<String> = restrictions
             .iter()
-            .map(|r| {
-                let mut o = vec!["restrict".to_string(), "pty".to_string()];
-                if !r.from.is_empty() {
-                    let nets: Vec<String> = r.from.iter().map(ToString::to_string).collect();
-                    o.push(format!("from=\"{}\"", nets.join(",")));
-                }
-                if let Some(na) = r.not_after {
-                    o.push(format!("expiry-time=\"{}\"", format_ssh_expiry(na)));
-                }
-                o.join(",")
-            })
+            .map(crate::authorized_keys::options_for)
             .collect();
         steps.push(Step::pass(
             "keys (AKC)",

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::{Config, LocalDb, LOCAL_GROUP_PATH, LOCAL_PASSWD_PATH};
-use files::{read_image, sha256_hex, under_root, FileImage};
+use files::{read_image, under_root, FileImage};
 use state::{State, StoredImage, TouchedFile, STATE_PATH};
 
 /// glibc's NSS configuration.

@@ -574,3 +574,86 @@ def test_help_documents_every_flag():
     for flag in ["--listen", "--state", "--rotation-hook", "--fault", "--clock-skew-tolerance",
                  "--region", "--workers", "ALIBABA_CLOUD_ACCESS_KEY_ID", "/__admin/faults"]:
         assert flag in out, flag
+
+
+def test_fifty_concurrent_sdk_clients(tmp_path):
+    """The benchmark starts 50 logins at once: 50 fresh SDK clients, one call each."""
+    import concurrent.futures
+    e = Emulator(tmp_path / "state", tmp_path / "emulator.log")
+    try:
+        e.client("v3").create_secret(kms.CreateSecretRequest(
+            secret_name="acs/ecs/c-01/root", version_id="v1", secret_type="ECS",
+            secret_data=json.dumps({"UserName": "root", "Password": "pw"}),
+            extended_config={"SecretSubType": "Password", "InstanceId": "i-c01"}))
+        e.admin("POST", "/__admin/stats/reset", {})
+
+        def login(i):
+            c = e.client(SIGNATURES[i % 2])
+            c._read_timeout = 10000
+            return json.loads(get(c, "acs/ecs/c-01/root").secret_data)["Password"]
+
+        for _ in range(3):
+            with concurrent.futures.ThreadPoolExecutor(50) as pool:
+                assert list(pool.map(login, range(50))) == ["pw"] * 50
+        assert e.admin("GET", "/__admin/stats")["calls"] == {"GetSecretValue": 150}
+    finally:
+        e.stop()
+
+
+def v1_signed_url(port, params, method="GET", secret=AK_SECRET):
+    """An HMAC-SHA1 (signature 1.0) request built with the stdlib, independent of the SDK."""
+    import base64
+    import hashlib
+    import hmac
+    from urllib.parse import quote
+    pct = lambda s: quote(s, safe="~")  # noqa: E731
+    canonical = "&".join(f"{pct(k)}={pct(v)}" for k, v in sorted(params.items()))
+    sts = f"{method}&%2F&{pct(canonical)}"
+    sig = base64.b64encode(hmac.new((secret + "&").encode(), sts.encode(),
+                                    hashlib.sha1).digest()).decode()
+    return f"http://127.0.0.1:{port}/?{canonical}&Signature={pct(sig)}"
+
+
+def raw(url, method="GET"):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method),
+                                    timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_v1_get_requests_timestamps_and_nonces(emu):
+    """GET with every parameter in the query (older SDKs), checked by an independent signer."""
+    import uuid
+    emu.client("v3").create_secret(kms.CreateSecretRequest(
+        secret_name="raw/get+me=@.x", version_id="v1", secret_data="via GET"))
+
+    def params(ts=None, nonce=None, **extra):
+        p = {"Action": "GetSecretValue", "Version": "2016-01-20", "Format": "JSON",
+             "AccessKeyId": AK_ID, "SignatureMethod": "HMAC-SHA1", "SignatureVersion": "1.0",
+             "SignatureNonce": nonce or uuid.uuid4().hex, "SecretName": "raw/get+me=@.x",
+             "Timestamp": ts or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        p.update(extra)
+        return p
+
+    status, body = raw(v1_signed_url(emu.port, params()))
+    assert status == 200 and body["SecretData"] == "via GET" and body["RequestId"]
+    # The method is signed: a GET signature sent with POST does not match.
+    status, body = raw(v1_signed_url(emu.port, params()), method="POST")
+    assert (status, body["Code"]) == (400, "SignatureDoesNotMatch")
+    # Replayed nonce, stale timestamp, missing and malformed parts.
+    p = params()
+    assert raw(v1_signed_url(emu.port, p))[0] == 200
+    status, body = raw(v1_signed_url(emu.port, p))
+    assert (status, body["Code"]) == (400, "SignatureNonceUsed")
+    old = (datetime.now(timezone.utc) - timedelta(minutes=20)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status, body = raw(v1_signed_url(emu.port, params(ts=old)))
+    assert (status, body["Code"]) == (400, "InvalidTimeStamp.Expired")
+    status, body = raw(v1_signed_url(emu.port, params(Version="2014-05-26")))
+    assert (status, body["Code"]) == (400, "InvalidVersion")
+    status, body = raw(v1_signed_url(emu.port, params(Action="Encrypt")))
+    assert (status, body["Code"]) == (404, "InvalidAction.NotFound")
+    status, body = raw(f"http://127.0.0.1:{emu.port}/?Action=GetSecretValue&Version=2016-01-20")
+    assert (status, body["Code"]) == (400, "IncompleteSignature")
+    assert set(body) == {"RequestId", "HostId", "Code", "Message", "Recommend"}

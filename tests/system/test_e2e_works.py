@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pexpect
+
 from world import BIN_DIR, SSHD
 
 
@@ -94,7 +96,7 @@ def test_interactive_pty_tty_and_window_resize(world):
             assert time.monotonic() < deadline, "the window change never reached the target's pty"
             time.sleep(0.2)
         child.sendline("exit 5")
-        child.expect(__import__("pexpect").EOF)
+        child.expect(pexpect.EOF)
     finally:
         child.close()
     assert child.exitstatus == 5

@@ -20,6 +20,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ keys = ["{HOST_KEY} alice@laptop"]
 [[engineer]]
 name = "bob"
 uid = 64002
-keys = ["{HOST_KEY} bob@laptop"]
+keys = []
 
 [[grant]]
 engineers = ["alice"]
@@ -330,7 +331,7 @@ print(s.getenv("KMSBASTION_SOCKET"), flush=True)
 os._exit(0)   # no close_session, no pam_end: like an sshd that died
 """
     before = set(broker_pids())
-    p = subprocess.run(["python3", "-c", code], capture_output=True, text=True, timeout=30)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     sock = p.stdout.strip()
     assert sock.startswith(str(RUNTIME)), p.stdout
