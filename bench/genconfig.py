@@ -52,6 +52,9 @@ class Generated:
     """The configuration text and the names a benchmark needs from it."""
 
     text: str
+    #: Only the ``[[host]]``, ``[[engineer]]`` and ``[[grant]]`` tables (to append to another
+    #: configuration whose uid range covers ``UID_MIN``…).
+    body: str
     engineers: int
     hosts: int
     grants: int
@@ -115,6 +118,7 @@ def generate(
         "",
     ]
 
+    header_len = len(out)
     host_names = [f"app-{i:04d}" for i in range(1, hosts + 1)]
     host_accounts: dict[str, list[str]] = {}
     for i, name in enumerate(host_names):
@@ -189,6 +193,7 @@ def generate(
 
     return Generated(
         text="\n".join(out),
+        body="\n".join(out[header_len:]),
         engineers=engineers,
         hosts=hosts,
         grants=grants,

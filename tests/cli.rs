@@ -836,3 +836,26 @@ fn usage_errors_exit_2_and_help_lists_every_command() {
     }
     assert!(help.stdout.contains("Exit status"), "{help:?}");
 }
+
+#[test]
+fn enable_and_disable_are_wired_to_the_enable_module() {
+    // An empty system image: nothing to disable, and nothing installed to enable.
+    let root = tempfile::tempdir().expect("tempdir");
+    let config = root.path().join("kmsbastion.toml");
+    let root_arg = root.path().to_str().expect("utf-8 path");
+    let off = run_with(&config, &["disable", "--dry-run", "--root", root_arg]);
+    assert_eq!(off.code, 0, "{off:?}");
+    assert!(off.stdout.contains("nothing to change"), "{off:?}");
+    let on = run_with(&config, &["enable", "--dry-run", "--root", root_arg]);
+    assert_eq!(on.code, 4, "{on:?}");
+    assert!(
+        on.stderr.starts_with("kmsbastion: enable failed: "),
+        "{on:?}"
+    );
+    assert!(on.stderr.contains("is not installed"), "{on:?}");
+    assert_eq!(
+        std::fs::read_dir(root.path()).expect("read_dir").count(),
+        0,
+        "a dry run wrote files"
+    );
+}

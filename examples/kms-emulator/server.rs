@@ -121,8 +121,13 @@ impl Emulator {
         let started = Instant::now();
         let request_id = new_request_id();
         let path = req.url().split('?').next().unwrap_or("/").to_owned();
-        if path.starts_with("/__admin/") && self.admin {
-            let (status, body) = self.admin(&mut req, &path);
+        if path.starts_with("/__admin/") {
+            let (status, body) = if self.admin {
+                self.admin(&mut req, &path)
+            } else {
+                let e = "admin endpoints are served only on a loopback listen address";
+                (404, json!({ "error": e }))
+            };
             respond(req, status, &body, &request_id);
             return;
         }

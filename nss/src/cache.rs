@@ -7,7 +7,7 @@
 use kmsbastion::config::{Config, ConfigErrorKind, LOCAL_GROUP_PATH, LOCAL_PASSWD_PATH};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 
 /// Why the configuration is unavailable, as the errno reported with `NSS_STATUS_UNAVAIL`.
 pub type Errno = libc::c_int;
@@ -69,17 +69,25 @@ pub fn config_at(path: &Path) -> Result<Arc<Config>, Errno> {
         passwd: file_id(Path::new(LOCAL_PASSWD_PATH)).ok(),
         group: file_id(Path::new(LOCAL_GROUP_PATH)).ok(),
     };
-    // A panic while the lock was held cannot leave the cache half-written (it is replaced
-    // whole), so a poisoned lock is still usable.
-    let mut guard = CACHE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let load = || {
+        Config::load(path)
+            .map(Arc::new)
+            .map_err(|e| errno_for(e.kind))
+    };
+    // try_lock, never lock: a lookup must not wait, and a child forked while another thread
+    // held the lock would otherwise deadlock on its first lookup. When the cache is busy the
+    // configuration is parsed without it (a fraction of a millisecond). A panic while the lock
+    // was held cannot leave the cache half-written (it is replaced whole), so a poisoned lock
+    // is still usable.
+    let mut guard = match CACHE.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return load(),
+    };
     if let Some(c) = guard.as_ref().filter(|c| c.key == key) {
         return c.result.clone();
     }
-    let result = Config::load(path)
-        .map(Arc::new)
-        .map_err(|e| errno_for(e.kind));
+    let result = load();
     *guard = Some(Cached {
         key,
         result: result.clone(),

@@ -461,11 +461,17 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     if let (Some(i), Some(o), Some(e)) = (stdio.next(), stdio.next(), stdio.next()) {
         cmd.stdin(Stdio::from(i)).stdout(Stdio::from(o)).stderr(Stdio::from(e));
     }
-    // SAFETY: the closure only calls prctl, which is async-signal-safe: if the broker thread
-    // waiting for this ssh dies, the kernel kills ssh (no onward session outlives its broker).
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, sigemptyset,
+    // sigprocmask, signal). If the broker thread waiting for this ssh dies, the kernel kills
+    // ssh (no onward session outlives its broker); and ssh must not inherit the broker's
+    // blocked SIGHUP/SIGTERM/SIGINT or ignored SIGPIPE, or a hangup would not end it.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             Ok(())
         });
     }

@@ -191,7 +191,12 @@ pub enum CliError {
     Refused(String),
     /// KMS failed (exit 3).
     #[error("KMS: {context}: {error}")]
-    Kms { context: String, error: KmsError },
+    Kms {
+        /// What was being done (`ListSecrets`, `DescribeSecret NAME`).
+        context: String,
+        /// The client's error (code and RequestId, never a value).
+        error: KmsError,
+    },
     /// A local operation failed (exit 4).
     #[error("{0}")]
     System(String),

@@ -16,7 +16,10 @@
 //!
 //! The original image (bytes, mode, owner) of every file it changes is kept in
 //! [`state::STATE_PATH`]; `disable` restores them exactly and removes what `enable` created.
-//! Running `enable` twice changes nothing the second time.
+//! A file edited after `enable` (an administrator's change, another package's
+//! pam-auth-update or debconf run) is not overwritten: `disable` takes only kmsbastion's lines
+//! out of it (`pam-auth-update --remove` for the PAM stacks) and says so. Running `enable`
+//! twice changes nothing the second time.
 #![forbid(unsafe_code)]
 
 pub mod diff;
@@ -48,6 +51,8 @@ pub const LIBRARY_DIRS: [&str; 5] = [
     "/lib64",
     "/usr/lib",
 ];
+/// debconf's password database (`passwords.dat`, `passwords.dat-old`): never snapshotted.
+const DEBCONF_PASSWORDS: &str = "passwords.dat";
 /// The sshd binary used when none is given.
 pub const DEFAULT_SSHD: &str = "/usr/sbin/sshd";
 /// Host name and address used in `sshd -T -C` connection specs.
@@ -128,7 +133,8 @@ pub enum EnableError {
         /// What is wrong.
         message: String,
     },
-    /// Files `enable` changed were edited since; `disable` will not overwrite those edits.
+    /// Files `enable` changed were edited since, and `disable` knows no way to take out only
+    /// kmsbastion's part of them; it will not overwrite those edits.
     Drift(Vec<PathBuf>),
     /// Rolling back after an error failed too: the listed files need a manual look.
     RollbackFailed {
@@ -483,7 +489,11 @@ impl Snapshot {
         Ok(found
             .iter()
             .filter_map(|p| p.file_name())
-            .map(|n| format!("{}/{}", dir.trim_end_matches('/'), n.to_string_lossy()))
+            .map(|n| n.to_string_lossy().into_owned())
+            // debconf's password database is never written by pam-auth-update, and its
+            // contents must not be copied into the state file.
+            .filter(|n| !n.starts_with(DEBCONF_PASSWORDS))
+            .map(|n| format!("{}/{n}", dir.trim_end_matches('/')))
             .collect())
     }
 
@@ -865,7 +875,7 @@ fn apply(
         .parent()
         .map_or_else(|| "/".to_string(), |p| p.to_string_lossy().into_owned());
     snap.ensure_dir(target, &state_dir)?;
-    let mut pending = previous.cloned().unwrap_or_else(State::new);
+    let mut pending = previous.cloned().unwrap_or_default();
     for (path, original) in &snap.files {
         if path != STATE_PATH && pending.file(path).is_none() {
             pending.files.push(TouchedFile {
@@ -988,7 +998,7 @@ fn record(
     snap: &Snapshot,
     previous: Option<State>,
 ) -> Result<(), EnableError> {
-    let mut state = previous.unwrap_or_else(State::new);
+    let mut state = previous.unwrap_or_default();
     for (path, original) in snap.changed(target)? {
         if path == STATE_PATH || state.file(&path).is_some() {
             continue;
@@ -1015,6 +1025,15 @@ fn save_state(target: &Target<'_>, state: &State) -> Result<(), EnableError> {
         })
 }
 
+/// The files pam-auth-update maintains as one set: its generated stacks, its saved copies and
+/// the debconf database. They are restored byte for byte together or not at all (restoring
+/// only some would make pam-auth-update see "local modifications" and refuse to work).
+fn in_pam_auth_update_set(path: &str) -> bool {
+    path.starts_with("/etc/pam.d/common-")
+        || path.starts_with("/var/lib/pam/")
+        || path.starts_with("/var/cache/debconf/")
+}
+
 fn disable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report, EnableError> {
     let target = Target { root: &opts.root };
     let mut report = Report {
@@ -1029,14 +1048,23 @@ fn disable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report,
         return Ok(report);
     };
 
-    let mut plan = Vec::new();
-    let mut drift = Vec::new();
+    // Files untouched since enable go back byte for byte. A file edited since (by an
+    // administrator, or pam-auth-update/debconf run for another package) keeps those edits:
+    // only kmsbastion's own lines come out of it.
+    let mut current = BTreeMap::new();
+    let mut drifted = Vec::new();
     for f in &state.files {
-        let current = target.read(&f.path)?;
-        if current.as_ref().map(FileImage::sha256) != f.after_sha256 {
-            drift.push(PathBuf::from(&f.path));
-            continue;
+        let image = target.read(&f.path)?;
+        if image.as_ref().map(FileImage::sha256) != f.after_sha256 {
+            drifted.push(f.path.clone());
         }
+        current.insert(f.path.clone(), image);
+    }
+    let pam_set_drifted = drifted.iter().any(|p| in_pam_auth_update_set(p));
+    let mut plan = Vec::new();
+    let mut unknown_drift = Vec::new();
+    for f in &state.files {
+        let now = current.get(&f.path).cloned().flatten();
         let original = match &f.original {
             Some(stored) => Some(stored.to_image().map_err(|message| EnableError::State {
                 path: PathBuf::from(STATE_PATH),
@@ -1044,25 +1072,91 @@ fn disable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report,
             })?),
             None => None,
         };
-        if current != original {
+        let is_drifted = drifted.contains(&f.path);
+        let after = if in_pam_auth_update_set(&f.path) && pam_set_drifted {
+            // pam-auth-update --remove below rewrites these consistently.
+            continue;
+        } else if !is_drifted {
+            original
+        } else if f.path == NSSWITCH_PATH || f.path == pam::SSHD_SERVICE {
+            let Some(image) = &now else { continue };
+            let text = String::from_utf8_lossy(&image.bytes);
+            let cleaned = if f.path == NSSWITCH_PATH {
+                nsswitch::remove_service(&text)
+            } else {
+                pam::unwire_service(&text)
+            };
+            report.notes.push(format!(
+                "{} changed after enable; removed kmsbastion's lines and kept the later edits",
+                f.path
+            ));
+            Some(FileImage {
+                bytes: cleaned.into_bytes(),
+                ..image.clone()
+            })
+        } else if f.path == sshd::DROP_IN_PATH || f.path == pam::PROFILE_PATH {
+            report.notes.push(format!(
+                "{} changed after enable; it is kmsbastion's own file, so it is removed all the same",
+                f.path
+            ));
+            original
+        } else {
+            unknown_drift.push(PathBuf::from(&f.path));
+            continue;
+        };
+        if now != after {
             plan.push(Planned {
                 path: f.path.clone(),
-                before: current,
-                after: original,
+                before: now,
+                after,
             });
         }
     }
-    if !drift.is_empty() {
-        return Err(EnableError::Drift(drift));
+    if !unknown_drift.is_empty() {
+        return Err(EnableError::Drift(unknown_drift));
+    }
+    let remove_args = [
+        "--package".to_string(),
+        "--remove".to_string(),
+        pam::PROFILE_NAME.to_string(),
+    ];
+    if pam_set_drifted {
+        report.notes.push(
+            "the PAM stacks changed after enable (another package ran pam-auth-update or \
+             debconf); pam-auth-update removes the kmsbastion profile instead of restoring bytes"
+                .to_string(),
+        );
+        report.commands.push(format!(
+            "{} {}",
+            pam::PAM_AUTH_UPDATE,
+            remove_args.join(" ")
+        ));
     }
     report.changes = plan.iter().map(Planned::change).collect();
     if opts.dry_run {
         return Ok(report);
     }
+
     let mut failures = Vec::new();
     for p in &plan {
         if let Err(e) = files::restore(&target.path(&p.path), p.after.as_ref()) {
             failures.push(format!("{}: {e}", p.path));
+        }
+    }
+    if pam_set_drifted {
+        let ran = run(programs, Path::new(pam::PAM_AUTH_UPDATE), &remove_args)?;
+        let still = target
+            .read_text(pam::COMMON_ACCOUNT)?
+            .is_some_and(|t| pam::mentions_module(&t));
+        if !ran.success || still {
+            failures.push(format!(
+                "{}: pam-auth-update --remove {} did not take {} out ({}); run it by hand, or \
+                 remove the pam_kmsbastion.so lines from /etc/pam.d/common-*",
+                pam::COMMON_ACCOUNT,
+                pam::PROFILE_NAME,
+                pam::MODULE,
+                ran.stderr.trim()
+            ));
         }
     }
     if !failures.is_empty() {
@@ -1093,15 +1187,21 @@ fn disable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report,
                 .push("sshd -t accepts the restored configuration".to_string());
         } else {
             report.notes.push(format!(
-                "sshd -t rejects the restored configuration (it is byte for byte what it was \
-                 before enable): {}",
+                "sshd -t rejects the restored configuration (kmsbastion's settings are gone; \
+                 the rest is as it was): {}",
                 checked.stderr.trim()
             ));
         }
     }
+    let exact = plan.len()
+        - report
+            .notes
+            .iter()
+            .filter(|n| n.contains("removed kmsbastion's lines"))
+            .count();
     report
         .notes
-        .push(format!("restored {} file(s) byte for byte", plan.len()));
+        .push(format!("restored {exact} file(s) byte for byte"));
     Ok(report)
 }
 

@@ -67,7 +67,7 @@ pub fn is_enabled(text: &str) -> bool {
     let mut found = 0;
     for line in text.lines() {
         if let Some((_, _)) = database_of(line) {
-            if sources(line).iter().any(|s| *s == SERVICE) {
+            if sources(line).contains(&SERVICE) {
                 found += 1;
             }
         }
@@ -109,8 +109,57 @@ fn sources(line: &str) -> Vec<&str> {
     out
 }
 
+/// `text` without `kmsbastion` on the `passwd:` and `group:` lines (the word and the blanks
+/// before it); every other byte is kept. The inverse of [`add_service`] for a file that was
+/// edited after `enable`, so those later edits survive `disable`.
+pub fn remove_service(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for raw in text.split_inclusive('\n') {
+        if database_of(raw.trim_end_matches('\n')).is_none() {
+            out.push_str(raw);
+            continue;
+        }
+        let code_end = raw.find('#').unwrap_or(raw.len());
+        let (code, rest) = (
+            raw.get(..code_end).unwrap_or(raw),
+            raw.get(code_end..).unwrap_or(""),
+        );
+        let mut kept = String::with_capacity(code.len());
+        let mut cursor = 0;
+        let mut in_action = false;
+        while cursor < code.len() {
+            let tail = code.get(cursor..).unwrap_or("");
+            let blanks = tail.len() - tail.trim_start().len();
+            let word_start = cursor + blanks;
+            let word_tail = code.get(word_start..).unwrap_or("");
+            let word_len = word_tail
+                .find(char::is_whitespace)
+                .unwrap_or(word_tail.len());
+            let word = word_tail.get(..word_len).unwrap_or("");
+            if word.starts_with('[') {
+                in_action = true;
+            }
+            let drop = !in_action && word == SERVICE;
+            if word.ends_with(']') {
+                in_action = false;
+            }
+            if !drop {
+                kept.push_str(code.get(cursor..word_start + word_len).unwrap_or(""));
+            }
+            cursor = word_start + word_len;
+            if word_len == 0 {
+                kept.push_str(code.get(word_start..).unwrap_or(""));
+                break;
+            }
+        }
+        out.push_str(&kept);
+        out.push_str(rest);
+    }
+    out
+}
+
 fn edit_line(line: &str, database: &'static str, number: usize) -> Result<String, NsswitchError> {
-    if sources(line).iter().any(|s| *s == SERVICE) {
+    if sources(line).contains(&SERVICE) {
         return Ok(line.to_string());
     }
     // Byte offset just after the local source and its action items.
@@ -229,6 +278,22 @@ mod tests {
         assert_eq!(
             add_service("passwd: files\n#group: files\n"),
             Err(NsswitchError::MissingDatabase("group"))
+        );
+    }
+
+    #[test]
+    fn remove_is_the_inverse_of_add_and_keeps_later_edits() {
+        let once = add_service(DEBIAN12).unwrap();
+        assert_eq!(remove_service(&once), DEBIAN12);
+        let later = format!("{once}netgroup:       nis\n");
+        assert_eq!(
+            remove_service(&later),
+            format!("{DEBIAN12}netgroup:       nis\n")
+        );
+        let odd = "passwd: files [NOTFOUND=continue] kmsbastion systemd # kmsbastion\ngroup: kmsbastion\n";
+        assert_eq!(
+            remove_service(odd),
+            "passwd: files [NOTFOUND=continue] systemd # kmsbastion\ngroup:\n"
         );
     }
 }

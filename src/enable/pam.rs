@@ -174,6 +174,28 @@ pub fn wire_service(text: &str, lines: &[PamLine]) -> String {
     out
 }
 
+/// `/etc/pam.d/sshd` without the blocks [`wire_service`] added (from each `# BEGIN
+/// kmsbastion` line through the next `# END kmsbastion` line); everything else is kept, so
+/// edits made after `enable` survive `disable`.
+pub fn unwire_service(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for line in text.split_inclusive('\n') {
+        if !inside && line.starts_with(BEGIN) {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if line.starts_with(END) {
+                inside = false;
+            }
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +245,17 @@ mod tests {
         let out = wire_service("auth required pam_unix.so", &sample());
         assert!(out.starts_with("auth required pam_unix.so\n# BEGIN kmsbastion account"));
         assert!(out.ends_with("# END kmsbastion session\n"));
+    }
+
+    #[test]
+    fn unwire_removes_exactly_the_blocks() {
+        let rhel = "#%PAM-1.0\naccount required pam_sepermit.so\nsession include postlogin\n";
+        let wired = wire_service(rhel, &sample());
+        assert_eq!(unwire_service(&wired), rhel);
+        let later = format!("{wired}session optional pam_motd.so\n");
+        assert_eq!(
+            unwire_service(&later),
+            format!("{rhel}session optional pam_motd.so\n")
+        );
     }
 }

@@ -16,7 +16,7 @@ pub const STATE_PATH: &str = "/var/lib/kmsbastion/enable-state.json";
 const VERSION: u32 = 1;
 
 /// Everything `enable` changed on one system.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct State {
     /// Format version.
@@ -78,14 +78,20 @@ impl StoredImage {
     }
 }
 
-impl State {
-    /// An empty record.
-    pub fn new() -> Self {
+impl Default for State {
+    fn default() -> Self {
         State {
             version: VERSION,
             files: Vec::new(),
             created_dirs: Vec::new(),
         }
+    }
+}
+
+impl State {
+    /// An empty record.
+    pub fn new() -> Self {
+        State::default()
     }
 
     /// Reads the record; `Ok(None)` when there is none (kmsbastion is not enabled).

@@ -201,6 +201,24 @@ impl Scripted<'_> {
     }
 }
 
+impl Scripted<'_> {
+    fn pam_auth_update_remove(&self) {
+        for kind in ["account", "session"] {
+            let p = under_root(self.root, Path::new(&format!("/etc/pam.d/common-{kind}")));
+            let kept: String = fs::read_to_string(&p)
+                .unwrap()
+                .split_inclusive('\n')
+                .filter(|l| !l.contains("pam_kmsbastion.so"))
+                .collect();
+            fs::write(&p, kept).unwrap();
+        }
+        let db = under_root(self.root, Path::new("/var/cache/debconf/config.dat"));
+        let mut text = fs::read_to_string(&db).unwrap();
+        text.push_str("Value: unix\n");
+        fs::write(&db, text).unwrap();
+    }
+}
+
 impl Programs for Scripted<'_> {
     fn run(&self, program: &Path, args: &[String]) -> io::Result<Ran> {
         let ok = |stdout: String| {
@@ -237,8 +255,15 @@ impl Programs for Scripted<'_> {
                 _ => fail("unexpected sshd arguments"),
             }
         } else if program == Path::new(pam::PAM_AUTH_UPDATE) {
-            assert_eq!(args, ["--package", "--enable", "kmsbastion"]);
-            self.pam_auth_update();
+            match args {
+                [p, e, k] if p == "--package" && e == "--enable" && k == "kmsbastion" => {
+                    self.pam_auth_update()
+                }
+                [p, r, k] if p == "--package" && r == "--remove" && k == "kmsbastion" => {
+                    self.pam_auth_update_remove()
+                }
+                _ => return fail("unexpected pam-auth-update arguments"),
+            }
             ok(String::new())
         } else {
             Err(io::Error::new(
@@ -582,20 +607,111 @@ fn dry_run_shows_the_diffs_and_changes_nothing() {
 }
 
 #[test]
-fn disable_refuses_to_overwrite_later_edits() {
+fn disable_keeps_later_edits_and_removes_only_our_lines() {
     let root = fake_root(Family::Debian);
+    let before = tree(root.path());
     let programs = Scripted {
         root: root.path(),
         faults: Faults::default(),
     };
     enable_with(&opts(root.path()), &programs).unwrap();
     let nss = under_root(root.path(), Path::new(NSSWITCH_PATH));
-    let edited = format!("{}netgroup: files\n", fs::read_to_string(&nss).unwrap());
+    let edited = format!("{}netgroup:       nis\n", fs::read_to_string(&nss).unwrap());
     fs::write(&nss, &edited).unwrap();
+    let report = disable_with(&opts(root.path()), &programs).unwrap();
+    assert!(
+        report
+            .to_string()
+            .contains("/etc/nsswitch.conf changed after enable"),
+        "{report}"
+    );
+    assert_eq!(
+        fs::read_to_string(&nss).unwrap(),
+        format!("{NSSWITCH}netgroup:       nis\n")
+    );
+    let mut after = tree(root.path());
+    let mut expected = before;
+    after.remove("etc/nsswitch.conf");
+    expected.remove("etc/nsswitch.conf");
+    assert_eq!(after, expected, "every other file is back byte for byte");
+}
+
+#[test]
+fn disable_after_another_package_ran_pam_auth_update_removes_the_profile_instead() {
+    let root = fake_root(Family::Debian);
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    enable_with(&opts(root.path()), &programs).unwrap();
+    // Another package's postinst: a new profile in the stacks, a debconf answer.
+    let common = under_root(root.path(), Path::new("/etc/pam.d/common-account"));
+    let mut text = fs::read_to_string(&common).unwrap();
+    text.push_str("account\toptional\tpam_other.so\n");
+    fs::write(&common, &text).unwrap();
+    let debconf = under_root(root.path(), Path::new("/var/cache/debconf/config.dat"));
+    let mut db = fs::read_to_string(&debconf).unwrap();
+    db.push_str("Name: other/question\n");
+    fs::write(&debconf, &db).unwrap();
+
+    let dry = EnableOptions {
+        dry_run: true,
+        ..opts(root.path())
+    };
+    let shown = disable_with(&dry, &programs).unwrap().to_string();
+    assert!(
+        shown.contains("would run     /usr/sbin/pam-auth-update --package --remove kmsbastion"),
+        "{shown}"
+    );
+    assert!(
+        fs::read_to_string(&common)
+            .unwrap()
+            .contains("pam_kmsbastion.so"),
+        "dry run changed nothing"
+    );
+
+    let report = disable_with(&opts(root.path()), &programs).unwrap();
+    assert!(
+        report
+            .to_string()
+            .contains("ran           /usr/sbin/pam-auth-update --package --remove kmsbastion"),
+        "{report}"
+    );
+    let common_now = fs::read_to_string(&common).unwrap();
+    assert!(
+        !common_now.contains("pam_kmsbastion.so") && common_now.contains("pam_other.so"),
+        "{common_now}"
+    );
+    assert!(fs::read_to_string(&debconf)
+        .unwrap()
+        .contains("Name: other/question"));
+    assert_eq!(read(root.path(), NSSWITCH_PATH), NSSWITCH);
+    assert!(!under_root(root.path(), Path::new(sshd::DROP_IN_PATH)).exists());
+    assert!(!under_root(root.path(), Path::new(pam::PROFILE_PATH)).exists());
+    assert!(!under_root(root.path(), Path::new(STATE_PATH)).exists());
+}
+
+#[test]
+fn disable_refuses_when_the_record_is_unexpected_and_changes_nothing() {
+    let root = fake_root(Family::Other);
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    enable_with(&opts(root.path()), &programs).unwrap();
+    // A record of a file disable knows no safe partial undo for, changed since.
+    let state_path = under_root(root.path(), Path::new(STATE_PATH));
+    let mut state = State::load(&state_path).unwrap().unwrap();
+    state.files.push(TouchedFile {
+        path: "/etc/passwd".into(),
+        original: None,
+        after_sha256: Some("0".repeat(64)),
+    });
+    state.save(&state_path).unwrap();
     let enabled = tree(root.path());
     let err = disable_with(&opts(root.path()), &programs).unwrap_err();
     assert!(
-        matches!(&err, EnableError::Drift(p) if p == &[PathBuf::from(NSSWITCH_PATH)]),
+        matches!(&err, EnableError::Drift(p) if p == &[PathBuf::from("/etc/passwd")]),
         "{err}"
     );
     assert_eq!(tree(root.path()), enabled);

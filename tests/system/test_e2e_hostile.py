@@ -291,14 +291,19 @@ def test_a_command_cannot_redirect_the_onward_connection(world, cmd):
 @pytest.fixture
 def alice_session(world):
     """An open interactive session of alice@root@web-01 and its broker socket."""
+    no_brokers_left(world)  # sessions of earlier tests may still be shutting down
+    before = {s["pid"] for s in world.sessions()}
     child = world.spawn_ssh(world.login("alice", LOGIN_TARGET))
-    child.sendline("echo OPEN-$((2*3))")
-    child.expect("OPEN-6")
-    sessions = [s for s in world.sessions() if s["uid"] == world.engineers["alice"].uid]
-    assert len(sessions) == 1 and sessions[0]["socket"], sessions
-    yield sessions[0]
-    child.sendline("exit")
-    child.close()
+    try:
+        child.sendline("echo OPEN-$((2*3))")
+        child.expect("OPEN-6")
+        sessions = [s for s in world.sessions() if s["pid"] not in before]
+        assert len(sessions) == 1 and sessions[0]["socket"], sessions
+        assert sessions[0]["uid"] == world.engineers["alice"].uid
+        yield sessions[0]
+    finally:
+        child.sendline("exit")
+        child.close()
 
 
 def assert_knock_refused(world, report, marker):
@@ -341,7 +346,7 @@ def test_each_session_has_its_own_broker_socket(world, alice_session):
         other.sendline("echo SECOND-$((3*3))")
         other.expect("SECOND-9")
         sockets = {s["socket"] for s in world.sessions() if s["uid"] == world.engineers["alice"].uid}
-        assert len(sockets) == 2, sockets
+        assert alice_session["socket"] in sockets and len(sockets) == 2, sockets
         assert len(world.broker_pids()) >= 2
     finally:
         other.sendline("exit")
@@ -349,6 +354,7 @@ def test_each_session_has_its_own_broker_socket(world, alice_session):
 
 
 def test_no_broker_outlives_its_session(world):
+    no_brokers_left(world)
     child = world.spawn_ssh(world.login("alice", LOGIN_TARGET))
     child.sendline("echo LIVE-$((4*4))")
     child.expect("LIVE-16")

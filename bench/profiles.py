@@ -1,0 +1,93 @@
+"""Where the time goes, for the targets a run misses: ``perf`` profiles of the helpers and a
+timestamped timeline of one login (client ``ssh -v`` lines plus the jump host's audit events).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def have_perf() -> bool:
+    """Whether ``perf record`` works here (the binary exists and may sample)."""
+    perf = shutil.which("perf")
+    if not perf:
+        return False
+    r = subprocess.run([perf, "record", "-q", "-o", "/dev/null", "--", "true"], capture_output=True)
+    return r.returncode == 0
+
+
+def perf_top(argv: list[str], workdir: Path, name: str, limit: int = 12, env: Optional[dict] = None) -> str:
+    """``perf record -g`` of one command; returns the top self-time symbols (perf report
+    ``--no-children``) as text, or why there is none."""
+    if not have_perf():
+        return "(perf is not available here)"
+    data = workdir / f"perf-{name}.data"
+    r = subprocess.run(["perf", "record", "-q", "-F", "2000", "-g", "-o", str(data), "--", *argv],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode != 0:
+        return f"(perf record failed: {r.stderr.strip()[-300:]})"
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--stdio", "-g", "none",
+                          "--percent-limit", "0.5", "--sort", "dso,sym"],
+                         capture_output=True, text=True, timeout=300)
+    lines = [l.rstrip() for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#")]
+    return "\n".join(lines[:limit]) or "(empty profile)"
+
+
+def nss_cold_argv(python: str, nss_lib: Path, login: str) -> list[str]:
+    """A process that makes exactly one (cold) getpwnam_r call through the module."""
+    code = (
+        "import ctypes,sys\n"
+        f"lib=ctypes.CDLL({str(nss_lib)!r})\n"
+        "buf=ctypes.create_string_buffer(4096); pw=ctypes.create_string_buffer(64); e=ctypes.c_int()\n"
+        f"s=lib._nss_kmsbastion_getpwnam_r({login.encode()!r},pw,buf,4096,ctypes.byref(e))\n"
+        "sys.exit(0 if s==1 else 1)\n"
+    )
+    return [python, "-c", code]
+
+
+def login_timeline(ref, variant, audit_since: Optional[int] = None) -> list[tuple[float, str]]:
+    """One login with ``ssh -v``: every client debug line with its time (ms from spawn),
+    merged with the audit events the jump host wrote during it."""
+    w = ref.w
+    mark = w.audit_mark()
+    env = dict(ref.env, **variant.env)
+    argv = ref.argv(variant, "-v", "-o", "LogLevel=DEBUG1")
+    wall0 = time.time()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=env, text=True, bufsize=1)
+    out: list[tuple[float, str]] = [(0.0, "client: spawn ssh")]
+    assert p.stderr is not None
+    for line in p.stderr:
+        out.append(((time.perf_counter() - t0) * 1e3, "client: " + line.rstrip()))
+    p.wait()
+    out.append(((time.perf_counter() - t0) * 1e3, f"client: ssh exited {p.returncode}"))
+    for ev in w.audit_since(mark):
+        try:
+            ts = datetime.datetime.strptime(ev["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+        except (KeyError, ValueError):
+            continue
+        extra = {k: ev[k] for k in ("result", "duration_ms", "version_id", "exit_status") if k in ev}
+        out.append(((ts - wall0) * 1e3, f"jump audit: {ev.get('event')} {extra if extra else ''}".rstrip()))
+    out.sort(key=lambda x: x[0])
+    return out
+
+
+KEEP = ("spawn", "Connecting to", "Connection established", "Remote protocol", "kex: algorithm",
+        "SSH2_MSG_KEX", "SSH2_MSG_NEWKEYS received", "Authentications that can continue",
+        "Offering public key", "Server accepts key", "Authenticated to", "Next authentication method",
+        "channel 0: new", "Sending command", "exit-status", "Transferred", "exited", "jump audit",
+        "Setting implicit ProxyCommand", "Executing proxy command", "Authenticating to")
+
+
+def compact(timeline: list[tuple[float, str]]) -> str:
+    """The timeline lines worth reading, as ``  123.4 ms  text``."""
+    return "\n".join(f"{t:8.1f} ms  {s}" for t, s in timeline if any(k in s for k in KEEP))
