@@ -24,6 +24,7 @@ build: deps
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	tests/check-licenses.py
 
 test-unit: deps
 	$(CARGO) test --locked --workspace

@@ -121,6 +121,15 @@ def main() -> int:
                 r.timelines[(target, variant)] = prof.compact(
                     prof.login_timeline(ref, ref.variants[(target, variant)]))
 
+        if not a.no_profile:
+            for target in ("web-01", "web-02"):
+                lr = r.logins[target]
+                ratio = lr.samples["bastion"].median / lr.samples["proxyjump"].median
+                if not ratio <= TARGETS["login_ratio"]:
+                    log(f"profile: strace of one bastion login → {target} (ratio {ratio:.2f})")
+                    r.profiles[f"strace of one bastion login → {target}"] = prof.strace_login(
+                        ref, ref.variants[(target, "bastion")], work, w.daemons["sshd-jump"].process.pid)
+
         log(f"concurrency: {a.concurrent} bastion logins at once (sshd defaults)")
         r.concurrency.append(logins.concurrency(ref, a.concurrent, log=log))
         if r.concurrency[0].failures:
@@ -131,6 +140,9 @@ def main() -> int:
             log(f"concurrency: again with MaxStartups 200:30:400 on the jump host and targets")
             r.concurrency.append(logins.concurrency(ref, a.concurrent, log=log))
             w.set_max_startups(None)
+            time.sleep(2)
+            log(f"concurrency: the reference, {a.concurrent} ProxyJump logins at once (sshd defaults)")
+            r.concurrency.append(logins.concurrency(ref, a.concurrent, variant="proxyjump", log=log))
 
         if a.large_logins > 0 and "gen" in r.helpers:
             log(f"logins with the large configuration installed: {a.large_logins} bastion logins → web-01")

@@ -308,6 +308,7 @@ class ConcurrencyResult:
     max_startups: Optional[str]
     #: Onward connections the brokers started (``connect-start`` audit events).
     onward: int
+    variant: str = "bastion"
 
     @property
     def broker_peak_mib(self) -> float:
@@ -325,9 +326,10 @@ class ConcurrencyResult:
         return self.getsecretvalue / self.onward if self.onward else float("nan")
 
 
-def concurrency(ref: Reference, n: int, target: str = "web-01", log=print) -> ConcurrencyResult:
-    """Starts ``n`` bastion logins at once; see the module doc."""
-    v = ref.variants[(target, "bastion")]
+def concurrency(ref: Reference, n: int, target: str = "web-01", variant: str = "bastion",
+                log=print) -> ConcurrencyResult:
+    """Starts ``n`` logins of ``variant`` at once; see the module doc."""
+    v = ref.variants[(target, variant)]
     barrier = threading.Barrier(n + 1)
     results: list = [None] * n
 
@@ -354,7 +356,7 @@ def concurrency(ref: Reference, n: int, target: str = "web-01", log=print) -> Co
     sampler.stop()
     gsv = ref.w.kms_stats().get("GetSecretValue", 0)
     onward = sum(1 for e in ref.w.audit_since(mark) if e.get("event") == "connect-start")
-    s = Samples(f"{n} concurrent bastion logins → {target}")
+    s = Samples(f"{n} concurrent {variant} logins → {target}")
     failures = 0
     errors = []
     for i, r in enumerate(results):
@@ -365,8 +367,8 @@ def concurrency(ref: Reference, n: int, target: str = "web-01", log=print) -> Co
             if len(errors) < 8:
                 text = (ref.dir / f"stderr-conc-{i}").read_text(errors="replace").strip()
                 errors.append(f"login {i}: exit {r[1] if r else 'none'}: {text[-300:]}")
-    res = ConcurrencyResult(n, s, failures, errors, gsv, sampler.peak, wall, ref.w.max_startups, onward)
-    log(f"concurrency ({n}, MaxStartups {ref.w.max_startups or 'default'}): {failures} failed, "
+    res = ConcurrencyResult(n, s, failures, errors, gsv, sampler.peak, wall, ref.w.max_startups, onward, variant)
+    log(f"concurrency ({n} {variant}, MaxStartups {ref.w.max_startups or 'default'}): {failures} failed, "
         f"p50 {s.median * 1e3:.0f} ms p95 {s.p(0.95) * 1e3:.0f} ms, {len(sampler.peak)} brokers seen, "
         f"peak VmHWM {res.broker_peak_mib:.2f} MiB, GetSecretValue {gsv} for {onward} onward connections")
     return res

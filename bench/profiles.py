@@ -5,6 +5,7 @@ timestamped timeline of one login (client ``ssh -v`` lines plus the jump host's 
 from __future__ import annotations
 
 import datetime
+import re
 import os
 import shutil
 import subprocess
@@ -91,3 +92,57 @@ KEEP = ("spawn", "Connecting to", "Connection established", "Remote protocol", "
 def compact(timeline: list[tuple[float, str]]) -> str:
     """The timeline lines worth reading, as ``  123.4 ms  text``."""
     return "\n".join(f"{t:8.1f} ms  {s}" for t, s in timeline if any(k in s for k in KEEP))
+
+
+_EVENT = re.compile(r"^(\d+)\s+(\d+\.\d+) (?:<\.\.\. )?(\w+)\((.*)$")
+
+
+def strace_login(ref, variant, workdir: Path, sshd_pid: int) -> str:
+    """One login with ``strace -f`` attached to the jump host's sshd (only process
+    lifecycle, connect and sleep/wait calls, to keep the tracing cost low): which process
+    starts, connects and exits when, in ms since the connection was accepted, plus how often
+    each process slept or polled ``wait4(WNOHANG)``."""
+    if not shutil.which("strace"):
+        return "(strace is not available here)"
+    out = workdir / f"strace-{variant.name}-{variant.target}.txt"
+    st = subprocess.Popen(["strace", "-f", "-ttt", "-q", "-s", "60", "-o", str(out), "-e",
+                           "trace=execve,connect,exit_group,wait4,clock_nanosleep,poll,ppoll,accept4",
+                           "-p", str(sshd_pid)], stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    t, rc = ref.run(variant, workdir / "stderr-strace")
+    time.sleep(0.5)
+    st.terminate()
+    st.wait(timeout=10)
+    lines = out.read_text(errors="replace").splitlines()
+    t0: Optional[float] = None
+    rows: list[str] = []
+    sleeps: dict[str, list] = {}
+    names: dict[str, str] = {}
+    for line in lines:
+        m = _EVENT.match(line)
+        if not m:
+            continue
+        pid, ts, call, args = m.group(1), float(m.group(2)), m.group(3), m.group(4)
+        if t0 is None:
+            if call != "execve":
+                continue
+            t0 = ts  # sshd re-executing itself for the new connection
+        rel = (ts - t0) * 1e3
+        if call == "execve" and "= 0" in args or (call == "execve" and "resumed" in line):
+            prog = re.search(r'\["([^"]+)"(?:, "([^"]*)")?', args)
+            if prog:
+                names[pid] = os.path.basename(prog.group(1))
+                rows.append(f"{rel:8.1f} ms  [{pid}] exec {names[pid]} {prog.group(2) or ''}".rstrip())
+        elif call == "connect" and "nscd" not in args and "AF_UNSPEC" not in args and "::" not in args:
+            addr = re.search(r'sun_path="([^"]+)"|sin_port=htons\((\d+)\), sin_addr=inet_addr\("([^"]+)"\)', args)
+            if addr:
+                where = addr.group(1) or f"{addr.group(3)}:{addr.group(2)}"
+                rows.append(f"{rel:8.1f} ms  [{pid}] {names.get(pid, '?')} connect {where}")
+        elif call == "exit_group":
+            rows.append(f"{rel:8.1f} ms  [{pid}] {names.get(pid, '?')} exit {args.split(')')[0]}")
+        elif call in ("clock_nanosleep",) or (call == "wait4" and "WNOHANG" in args and "= 0" in args):
+            sleeps.setdefault(f"[{pid}] {names.get(pid, '?')} {call}", []).append(rel)
+    summary = [f"{k}: {len(v)} calls between {v[0]:.0f} and {v[-1]:.0f} ms" for k, v in sleeps.items() if len(v) >= 3]
+    head = f"login exit {rc}, {t * 1e3:.0f} ms under strace (tracing slows every process; compare gaps, not totals)"
+    head += "; times in ms since sshd re-executed itself for the connection"
+    return "\n".join([head, *rows, "", "repeated sleeps / non-blocking waits:", *(summary or ["(none)"])])

@@ -199,7 +199,15 @@ def markdown(r: Results, targets: dict) -> str:
     for c in r.concurrency:
         hwm = [v["hwm"] for v in c.brokers.values()]
         rss = [v["rss"] for v in c.brokers.values()]
-        out += [f"### {c.n} bastion logins → web-01 at once, sshd MaxStartups {c.max_startups or 'default (10:30:100)'}", "",
+        if c.variant != "bastion":
+            out += [f"### {c.n} {c.variant} logins → web-01 at once (the reference), sshd MaxStartups "
+                    f"{c.max_startups or 'default (10:30:100)'}", "",
+                    f"- failures: **{c.failures}** of {c.n}; all finished after {c.wall:.2f} s",
+                    f"- login time of the successful ones: p50 {ms(c.samples.median)} ms, p95 {ms(c.samples.p(0.95))} ms", ""]
+            if c.errors:
+                out += ["First failures (client stderr):", "", "```", *c.errors[:4], "```", ""]
+            continue
+        out += [f"### {c.n} {c.variant} logins → web-01 at once, sshd MaxStartups {c.max_startups or 'default (10:30:100)'}", "",
                 f"- failures: **{c.failures}** of {c.n}; all finished after {c.wall:.2f} s",
                 f"- login time of the successful ones: p50 {ms(c.samples.median)} ms, p95 {ms(c.samples.p(0.95))} ms, "
                 f"max {ms(c.samples.maximum)} ms",
@@ -217,8 +225,9 @@ def markdown(r: Results, targets: dict) -> str:
         for (target, variant), text in r.timelines.items():
             out += [f"### {variant} → {target}", "", "```", text, "```", ""]
     if r.profiles:
-        out += ["## Profiles of missed helper targets", "",
-                "`perf record -g` of one call, self time by DSO and symbol (`perf report --no-children`).", ""]
+        out += ["## Profiles of missed targets", "",
+                "Helpers: `perf record -g` of one call, self time by DSO and symbol (`perf report "
+                "--no-children`). Logins: `strace -f` attached to the jump sshd during one login.", ""]
         for name, text in r.profiles.items():
             out += [f"### {name}", "", "```", text, "```", ""]
     return "\n".join(out) + "\n"

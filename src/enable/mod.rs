@@ -807,6 +807,18 @@ fn bastion_login(opts: &EnableOptions, target: &Target<'_>) -> Result<String, En
     })?;
     let config = Config::parse_checked(&text, &opts.config, &local)
         .map_err(|e| EnableError::Config(format!("{e}\nfix the configuration, then run enable")))?;
+    // The shipped drop-in matches the default bastion group by name.
+    let matched = sshd::parse(sshd::DROP_IN).matches;
+    let wanted = format!("group {}", config.bastion.group);
+    if !matched.iter().any(|m| m.eq_ignore_ascii_case(&wanted)) {
+        return Err(EnableError::Config(format!(
+            "{config_path}: [bastion] group is \"{}\", but the sshd drop-in applies to `Match {}`; \
+             use group = \"{}\" so sshd applies the bastion settings to engineers",
+            config.bastion.group,
+            matched.first().map(String::as_str).unwrap_or("?"),
+            crate::config::DEFAULT_BASTION_GROUP
+        )));
+    }
     let engineer = config.engineers.first().ok_or_else(|| {
         EnableError::Config(format!(
             "{config_path} defines no engineer; enable proves sshd's settings for a real \

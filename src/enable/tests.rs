@@ -716,3 +716,24 @@ fn disable_refuses_when_the_record_is_unexpected_and_changes_nothing() {
     );
     assert_eq!(tree(root.path()), enabled);
 }
+
+#[test]
+fn refuses_a_bastion_group_the_drop_in_does_not_match() {
+    let root = fake_root(Family::Debian);
+    let cfg = config().replace(
+        "[[host]]",
+        "[bastion]\ngroup = \"jumpers\"\ngid = 64000\n\n[[host]]",
+    );
+    fs::write(root.path().join("etc/kmsbastion/kmsbastion.toml"), cfg).unwrap();
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    let err = enable_with(&opts(root.path()), &programs).unwrap_err();
+    assert!(
+        err.to_string().contains("[bastion] group is \"jumpers\""),
+        "{err}"
+    );
+    assert_eq!(tree(root.path()), before);
+}

@@ -394,6 +394,23 @@ def needles_for(world):
     return needles
 
 
+def test_the_leak_scan_finds_planted_bytes(world):
+    """Positive control for the scan below: it does see files, environments and argv."""
+    needle = os.urandom(12).hex().encode()
+    planted = world.log_dir / "planted.txt"
+    planted.write_bytes(b"x" + needle + b"y")
+    proc = subprocess.Popen(["/bin/sh", "-c", "sleep 30", needle.decode()[::-1]], env={"PLANTED": needle.decode()})
+    try:
+        hits = world.scan_for([needle, needle[::-1]])
+    finally:
+        proc.kill()
+        proc.wait()
+        planted.unlink()
+    assert f"{planted}: needle 0" in hits
+    assert f"/proc/{proc.pid}/environ: needle 0" in hits
+    assert f"/proc/{proc.pid}/cmdline: needle 1" in hits
+
+
 def test_the_credential_is_nowhere_on_the_jump_host(world):
     # Use both credential types, rotate both (so ACSPrevious exists too), and keep a session
     # open while searching (a live broker, a live onward ssh).

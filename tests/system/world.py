@@ -499,8 +499,19 @@ class World:
         namespace's /etc back (nsswitch.conf, pam.d/sshd, /etc/kmsbastion, the ld.so entry)
         and removes ``root_dir``; the users it created stay (harmless, private /etc). The log
         directory is kept."""
+        leftovers = self._descendants([d.process.pid for d in self.daemons.values()])
         for name in list(self.daemons)[::-1]:
             self._stop_daemon(name)
+        # Sessions, brokers and onward ssh processes of this world (children of the daemons,
+        # reparented once a listener exits): end them too, so the next world starts clean.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [pid for pid in leftovers if Path(f"/proc/{pid}").exists()]
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            if alive and sig == signal.SIGTERM:
+                with contextlib.suppress(WorldError):
+                    self.wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in alive), timeout=3)
         for path in (Path("/etc/nsswitch.conf"), Path("/etc/pam.d/sshd")):
             saved = self.root / "orig" / path.name
             if saved.exists():
@@ -514,6 +525,27 @@ class World:
             subprocess.run(["ldconfig"], check=False)
         shutil.rmtree(self.root, ignore_errors=True)
         self._started = False
+
+    @staticmethod
+    def _descendants(roots: Iterable[int]) -> list[int]:
+        """Every live descendant of ``roots`` (by parent pid), deepest last."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+        out: list[int] = []
+        todo = list(roots)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                out.append(child)
+                todo.append(child)
+        return out
 
     def _stop_daemon(self, name: str) -> None:
         d = self.daemons.pop(name, None)
@@ -1225,11 +1257,13 @@ Subsystem sftp {SFTP_SERVER}
     def scan_for(self, needles: Iterable[bytes], roots: Iterable[os.PathLike] = (),
                  exclude: Iterable[os.PathLike] = (), procs: bool = True) -> list[str]:
         """Where any of ``needles`` occurs: regular files under ``roots`` (default: /run,
-        /tmp, the log dir, /home, /root, /etc/kmsbastion, /var/log; the KMS emulator's state,
-        i.e. "KMS itself", excluded) and every ``/proc/*/environ`` and ``/proc/*/cmdline``.
-        Returns ``path: needle-index`` strings; empty means no hit."""
+        /tmp, the log dir, /home, /etc (the namespace's private copy), /var/log and
+        /root/.ssh; the KMS emulator's state, i.e. "KMS itself", excluded) and every
+        ``/proc/*/environ`` and ``/proc/*/cmdline``. Returns ``path: needle-index`` strings;
+        empty means no hit. (/root is the host's and holds toolchains; nothing in the
+        namespace writes there except possibly ~/.ssh.)"""
         needles = [n for n in needles if n]
-        roots = list(roots) or ["/run", "/tmp", self.log_dir, "/home", "/root", ETC_DIR, "/var/log"]
+        roots = list(roots) or ["/run", "/tmp", self.log_dir, "/home", "/etc", "/var/log", "/root/.ssh"]
         skip = {os.path.realpath(p) for p in [self.root / "kms-state", *exclude]}
         hits = []
 
