@@ -46,7 +46,11 @@ def log(msg: str) -> None:
 def big_world_config(w: logins.BenchWorld, gen: genconfig.Generated) -> str:
     """The World's configuration with the generated inventory appended (uid range widened),
     so a real login goes through sshd, NSS, the AKC and PAM with a 2,000/500/5,000 file."""
-    text = re.sub(r"^uid_max = \d+$", f"uid_max = {genconfig.UID_MAX}", w.config_text(), flags=re.M)
+    # One uid range for both sets of engineers that holds no local user (65534 `nobody` lies
+    # between the World's 64001… and the generated 100001…): move the World's engineers up.
+    text = re.sub(r"^uid_min = \d+$", f"uid_min = {genconfig.UID_MIN}", w.config_text(), flags=re.M)
+    text = re.sub(r"^uid_max = \d+$", f"uid_max = {genconfig.UID_MAX}", text, flags=re.M)
+    text = re.sub(r"^uid = 64(\d{3})$", lambda m: f"uid = {190000 + int(m.group(1))}", text, flags=re.M)
     return text + "\n" + gen.body + "\n"
 
 

@@ -92,8 +92,12 @@ impl Event {
     /// The JSON line (without newline).
     pub fn to_json(&self) -> String {
         // Serialising plain strings and integers cannot fail; fall back to a minimal record.
-        serde_json::to_string(self)
-            .unwrap_or_else(|_| format!("{{\"event\":\"{}\",\"error\":\"unserialisable\"}}", self.event))
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            format!(
+                "{{\"event\":\"{}\",\"error\":\"unserialisable\"}}",
+                self.event
+            )
+        })
     }
 }
 
@@ -153,7 +157,10 @@ impl Audit {
             // One write(2) per line: with O_APPEND, concurrent writers do not interleave.
             if let Err(e) = f.write_all(&buf) {
                 let path = self.file_path.as_deref().unwrap_or(Path::new("?"));
-                send_syslog(3, &format!("cannot write audit file {}: {e}", path.display()));
+                send_syslog(
+                    3,
+                    &format!("cannot write audit file {}: {e}", path.display()),
+                );
             }
         }
     }
@@ -221,7 +228,9 @@ fn syslog_time(t: SystemTime) -> String {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     let (_, mo, d, sod, _) = split_time(t);
-    let name = MONTHS.get((mo as usize).saturating_sub(1)).unwrap_or(&"Jan");
+    let name = MONTHS
+        .get((mo as usize).saturating_sub(1))
+        .unwrap_or(&"Jan");
     format!(
         "{name} {d:>2} {:02}:{:02}:{:02}",
         sod / 3600,
@@ -245,7 +254,10 @@ mod tests {
         // A leap day.
         let t = UNIX_EPOCH + Duration::from_secs(1_709_164_800);
         assert_eq!(rfc3339(t), "2024-02-29T00:00:00.000Z");
-        assert_eq!(syslog_time(UNIX_EPOCH + Duration::from_secs(1_709_164_800)), "Feb 29 00:00:00");
+        assert_eq!(
+            syslog_time(UNIX_EPOCH + Duration::from_secs(1_709_164_800)),
+            "Feb 29 00:00:00"
+        );
     }
 
     #[test]

@@ -44,8 +44,7 @@
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::login::Login;
 use crate::session::{
-    self, FrameReader, Message, Request, RequestKind, EXIT_INTERNAL, EXIT_MISCONFIGURED,
-    EXIT_USAGE,
+    self, FrameReader, Message, Request, RequestKind, EXIT_INTERNAL, EXIT_MISCONFIGURED, EXIT_USAGE,
 };
 use std::io::Write;
 use std::net::IpAddr;
@@ -95,8 +94,14 @@ fn first_word(cmd: &[u8]) -> &[u8] {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     b.get(start..end).unwrap_or_default()
 }
 
@@ -153,7 +158,11 @@ pub fn parse_ssh_connection(v: &str) -> Option<SshConnection> {
 }
 
 /// The plain login's listing.
-pub fn listing(engineer: &str, reachable: &[(String, String)], conn: Option<&SshConnection>) -> String {
+pub fn listing(
+    engineer: &str,
+    reachable: &[(String, String)],
+    conn: Option<&SshConnection>,
+) -> String {
     let jump = conn.map_or_else(|| "<jump-host>".to_owned(), |c| c.server.clone());
     let port = match conn {
         Some(c) if c.server_port != 22 => format!("-p {} ", c.server_port),
@@ -227,7 +236,10 @@ pub fn run(args: &[Vec<u8>], env: &ConnectEnv) -> u8 {
             let composite = env
                 .logname
                 .as_deref()
-                .map(|l| matches!(Login::parse(l), Ok(Login::Composite(_))) || l.matches('@').count() >= 2)
+                .map(|l| {
+                    matches!(Login::parse(l), Ok(Login::Composite(_)))
+                        || l.matches('@').count() >= 2
+                })
                 .unwrap_or(false);
             if composite {
                 eprintln!(
@@ -364,7 +376,10 @@ fn onward(path: &str, inv: &Invocation, env: &ConnectEnv) -> u8 {
             let mut buf = [0u8; 64];
             // SAFETY: buf is valid for its length; the pipe is non-blocking.
             let n = unsafe { libc::read(sigpipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            for &sig in buf.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default() {
+            for &sig in buf
+                .get(..usize::try_from(n).unwrap_or(0))
+                .unwrap_or_default()
+            {
                 let msg = if i32::from(sig) == libc::SIGWINCH {
                     Message::WindowChanged
                 } else {
@@ -466,14 +481,26 @@ mod tests {
         assert!(parse_ssh_connection("garbage").is_none());
         let out = listing(
             "alice",
-            &[("root".into(), "web-01".into()), ("deploy".into(), "web-02".into())],
+            &[
+                ("root".into(), "web-01".into()),
+                ("deploy".into(), "web-02".into()),
+            ],
             Some(&c),
         );
-        assert!(out.contains("ssh -p 2222 alice@root@web-01@127.0.0.1\n"), "{out}");
-        assert!(out.contains("ssh -p 2222 alice@deploy@web-02@127.0.0.1\n"), "{out}");
+        assert!(
+            out.contains("ssh -p 2222 alice@root@web-01@127.0.0.1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ssh -p 2222 alice@deploy@web-02@127.0.0.1\n"),
+            "{out}"
+        );
         let c22 = parse_ssh_connection("10.0.0.9 40000 10.0.0.1 22").unwrap();
         let out = listing("alice", &[("root".into(), "web-01".into())], Some(&c22));
-        assert!(out.contains("  root@web-01  ssh alice@root@web-01@10.0.0.1\n"), "{out}");
+        assert!(
+            out.contains("  root@web-01  ssh alice@root@web-01@10.0.0.1\n"),
+            "{out}"
+        );
         assert!(listing("bob", &[], None).contains("no account is granted"));
     }
 
@@ -504,7 +531,9 @@ mod tests {
             let mut r = FrameReader::new(s);
             let got = r.recv().unwrap().unwrap();
             assert_eq!(got.fds.len(), 3);
-            let Message::Request(req) = got.message else { panic!("not a request") };
+            let Message::Request(req) = got.message else {
+                panic!("not a request")
+            };
             assert_eq!(req.command, b"exit 7");
             session::send(&w, &Message::Exit { status: 7 }, &[]).unwrap();
         });

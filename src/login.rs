@@ -95,7 +95,7 @@ pub enum LoginError {
     #[error("non-ASCII characters are not allowed in a login")]
     NonAscii,
     /// `..` anywhere (path traversal shapes are never names).
-    #[error("'..' is not allowed in a {0}")]
+    #[error("'..' is not allowed in the {0}")]
     DotDot(LoginPart),
     /// A name that must not start with this character (`-`, `.`, a digit for user names).
     #[error("{part} must not start with '{ch}'")]
@@ -106,7 +106,7 @@ pub enum LoginError {
         ch: char,
     },
     /// A character outside the part's grammar (`/`, `%`, `*`, uppercase in user names, …).
-    #[error("'{ch}' is not allowed in a {part}")]
+    #[error("'{ch}' is not allowed in the {part}")]
     BadChar {
         /// which part
         part: LoginPart,

@@ -90,7 +90,10 @@ pub enum AccountOutcome {
 /// `from` then deny).
 pub fn parse_source(rhost: Option<&str>) -> Option<IpAddr> {
     let r = rhost?.trim();
-    let r = r.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(r);
+    let r = r
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(r);
     // Drop an IPv6 zone index (`fe80::1%eth0`).
     let r = r.split('%').next().unwrap_or(r);
     r.parse().ok()
@@ -192,7 +195,8 @@ impl BrokerArgs {
             "--host".into(),
             self.host.clone(),
             "--source".into(),
-            self.source.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            self.source
+                .map_or_else(|| "-".to_owned(), |a| a.to_string()),
             "--sshd-pid".into(),
             self.sshd_pid.to_string(),
             "--lifetime-fd".into(),
@@ -422,7 +426,10 @@ not_after = "2030-01-01T00:00:00Z"
         assert_eq!(ok.config, PathBuf::from("/etc/x.toml"));
         assert!(ok.debug);
         let default = ModuleArgs::parse::<&str>(&[]).unwrap();
-        assert_eq!(default.config, PathBuf::from("/etc/kmsbastion/kmsbastion.toml"));
+        assert_eq!(
+            default.config,
+            PathBuf::from("/etc/kmsbastion/kmsbastion.toml")
+        );
         assert!(!default.debug);
         for bad in [
             &["debgu"][..],
@@ -440,14 +447,27 @@ not_after = "2030-01-01T00:00:00Z"
     fn account_decisions() {
         let c = cfg();
         let allow = account_outcome(&c, "alice@root@web-01", lo(), now());
-        assert!(matches!(allow, AccountOutcome::Allow { rule: 0, .. }), "{allow:?}");
+        assert!(
+            matches!(allow, AccountOutcome::Allow { rule: 0, .. }),
+            "{allow:?}"
+        );
 
-        let wrong_source =
-            account_outcome(&c, "alice@root@web-01", Some("10.1.2.3".parse().unwrap()), now());
-        assert!(matches!(wrong_source, AccountOutcome::Deny { .. }), "{wrong_source:?}");
+        let wrong_source = account_outcome(
+            &c,
+            "alice@root@web-01",
+            Some("10.1.2.3".parse().unwrap()),
+            now(),
+        );
+        assert!(
+            matches!(wrong_source, AccountOutcome::Deny { .. }),
+            "{wrong_source:?}"
+        );
 
         let no_source = account_outcome(&c, "alice@root@web-01", None, now());
-        assert!(matches!(no_source, AccountOutcome::Deny { .. }), "{no_source:?}");
+        assert!(
+            matches!(no_source, AccountOutcome::Deny { .. }),
+            "{no_source:?}"
+        );
 
         let expired = account_outcome(
             &c,
@@ -455,20 +475,37 @@ not_after = "2030-01-01T00:00:00Z"
             lo(),
             UNIX_EPOCH + Duration::from_secs(1_900_000_000),
         );
-        assert!(matches!(expired, AccountOutcome::Deny { .. }), "{expired:?}");
+        assert!(
+            matches!(expired, AccountOutcome::Deny { .. }),
+            "{expired:?}"
+        );
 
         let no_grant = account_outcome(&c, "bob@root@web-01", lo(), now());
-        assert!(matches!(no_grant, AccountOutcome::Deny { .. }), "{no_grant:?}");
+        assert!(
+            matches!(no_grant, AccountOutcome::Deny { .. }),
+            "{no_grant:?}"
+        );
 
         let unknown_host = account_outcome(&c, "alice@root@web-99", lo(), now());
-        assert!(matches!(unknown_host, AccountOutcome::Deny { .. }), "{unknown_host:?}");
+        assert!(
+            matches!(unknown_host, AccountOutcome::Deny { .. }),
+            "{unknown_host:?}"
+        );
 
         assert_eq!(
             account_outcome(&c, "alice", lo(), now()),
-            AccountOutcome::Plain { engineer: "alice".into() }
+            AccountOutcome::Plain {
+                engineer: "alice".into()
+            }
         );
-        assert_eq!(account_outcome(&c, "root", lo(), now()), AccountOutcome::NotOurs);
-        assert_eq!(account_outcome(&c, "admin", None, now()), AccountOutcome::NotOurs);
+        assert_eq!(
+            account_outcome(&c, "root", lo(), now()),
+            AccountOutcome::NotOurs
+        );
+        assert_eq!(
+            account_outcome(&c, "admin", None, now()),
+            AccountOutcome::NotOurs
+        );
         assert!(matches!(
             account_outcome(&c, "alice@@web-01", lo(), now()),
             AccountOutcome::Deny { login: None, .. }
@@ -494,7 +531,10 @@ not_after = "2030-01-01T00:00:00Z"
     fn sources() {
         assert_eq!(parse_source(Some("127.0.0.1")), lo());
         assert_eq!(parse_source(Some("[::1]")), Some("::1".parse().unwrap()));
-        assert_eq!(parse_source(Some("fe80::1%eth0")), Some("fe80::1".parse().unwrap()));
+        assert_eq!(
+            parse_source(Some("fe80::1%eth0")),
+            Some("fe80::1".parse().unwrap())
+        );
         assert_eq!(parse_source(Some("laptop.example")), None);
         assert_eq!(parse_source(None), None);
         assert!(looks_composite("a@b@c"));
@@ -515,7 +555,10 @@ not_after = "2030-01-01T00:00:00Z"
         };
         let argv = a.to_args();
         assert_eq!(BrokerArgs::parse(&argv).unwrap(), a);
-        let none = BrokerArgs { source: None, ..a.clone() };
+        let none = BrokerArgs {
+            source: None,
+            ..a.clone()
+        };
         assert_eq!(BrokerArgs::parse(&none.to_args()).unwrap(), none);
 
         let mut extra = argv.clone();

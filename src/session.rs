@@ -385,7 +385,11 @@ fn decode_body(body: &[u8]) -> Result<Message, SessionError> {
 }
 
 /// Send one message, with `fds` attached (SCM_RIGHTS) when not empty.
-pub fn send(stream: &UnixStream, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), SessionError> {
+pub fn send(
+    stream: &UnixStream,
+    msg: &Message,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), SessionError> {
     let frame = encode(msg)?;
     if fds.is_empty() {
         let mut s = stream;
@@ -444,7 +448,8 @@ impl FrameReader {
                     Err(SessionError::Truncated)
                 };
             }
-            self.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            self.buf
+                .extend_from_slice(chunk.get(..n).unwrap_or_default());
             if self.buf.len() > MAX_FRAME + 4 + chunk.len() || self.fds.len() > MAX_FDS_PER_READ {
                 return Err(SessionError::Malformed("peer floods the connection"));
             }
@@ -488,11 +493,7 @@ fn send_with_fds(sock: RawFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes_u32) as _;
-        std::ptr::copy_nonoverlapping(
-            raw.as_ptr().cast::<u8>(),
-            libc::CMSG_DATA(cmsg),
-            fd_bytes,
-        );
+        std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), fd_bytes);
     }
     loop {
         // SAFETY: msg points to a live iovec over `data` and a live control buffer; the
@@ -701,17 +702,33 @@ mod tests {
         for (f, msg, code) in cases {
             assert_eq!(f.message(), msg);
             assert_eq!(f.exit_code(), code);
-            assert_eq!(f.to_message(), Message::Failed { code, message: msg.into() });
+            assert_eq!(
+                f.to_message(),
+                Message::Failed {
+                    code,
+                    message: msg.into()
+                }
+            );
         }
         // All codes are >= 64 and distinct.
         let all = [
-            Failure::SecretGone { account: a(), host: h(), secret: a() },
+            Failure::SecretGone {
+                account: a(),
+                host: h(),
+                secret: a(),
+            },
             Failure::KmsUnavailable,
             Failure::Misconfigured { code: a() },
-            Failure::SecretUnusable { account: a(), host: h() },
+            Failure::SecretUnusable {
+                account: a(),
+                host: h(),
+            },
             Failure::HostKeyChanged { host: h() },
             Failure::CredentialRejected { host: h() },
-            Failure::Unreachable { host: h(), reason: a() },
+            Failure::Unreachable {
+                host: h(),
+                reason: a(),
+            },
             Failure::Refused,
             Failure::Internal,
         ];

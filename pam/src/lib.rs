@@ -88,7 +88,10 @@ impl Context {
     fn new(pamh: &PamHandle, raw: &[&CStr], stage: &'static str) -> Result<Context, PamResultCode> {
         let service = item_string(pamh.get_item::<Service>().ok().flatten().map(|s| s.0))
             .unwrap_or_else(|| "?".into());
-        let strings: Vec<String> = raw.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let strings: Vec<String> = raw
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let args = match ModuleArgs::parse(&strings) {
             Ok(a) => a,
             Err(e) => {
@@ -144,10 +147,16 @@ fn load_config(ctx: &Context, user: &str) -> Result<Config, PamResultCode> {
         Ok(c) => Ok(c),
         Err(e) => {
             if pam_session::looks_composite(user) {
-                ctx.log(libc::LOG_ERR, &format!("cannot load configuration: {e}; refusing {user}"));
+                ctx.log(
+                    libc::LOG_ERR,
+                    &format!("cannot load configuration: {e}; refusing {user}"),
+                );
                 Err(PamResultCode::PAM_SERVICE_ERR)
             } else {
-                ctx.log(libc::LOG_ERR, &format!("cannot load configuration: {e}; ignoring {user}"));
+                ctx.log(
+                    libc::LOG_ERR,
+                    &format!("cannot load configuration: {e}; ignoring {user}"),
+                );
                 Err(PamResultCode::PAM_IGNORE)
             }
         }
@@ -174,7 +183,10 @@ fn account(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
     event.source = ctx.rhost.clone();
     match outcome {
         AccountOutcome::Allow { login, rule } => {
-            ctx.debug(&format!("{login} from {:?}: allowed by grant rule {rule}", ctx.rhost));
+            ctx.debug(&format!(
+                "{login} from {:?}: allowed by grant rule {rule}",
+                ctx.rhost
+            ));
             fill_login(&mut event, &login);
             event.result = Some("allow".into());
             event.rule = Some(rule);
@@ -287,7 +299,10 @@ fn open_session(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
                 ctx.log(libc::LOG_ERR, &format!("pam_set_data failed ({code:?})"));
                 return PamResultCode::PAM_SESSION_ERR;
             }
-            ctx.debug(&format!("{login}: broker {pid} serves {}", socket.display()));
+            ctx.debug(&format!(
+                "{login}: broker {pid} serves {}",
+                socket.display()
+            ));
             let mut event = Event::new("session-open");
             fill_login(&mut event, &login);
             event.source = ctx.rhost.clone();
@@ -297,7 +312,10 @@ fn open_session(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
             PamResultCode::PAM_SUCCESS
         }
         Err(e) => {
-            ctx.log(libc::LOG_ERR, &format!("{login}: cannot start the broker: {e}"));
+            ctx.log(
+                libc::LOG_ERR,
+                &format!("{login}: cannot start the broker: {e}"),
+            );
             PamResultCode::PAM_SESSION_ERR
         }
     }
@@ -424,7 +442,8 @@ fn start_broker(
     };
     // Everything the child needs is allocated before fork: after it, only async-signal-safe
     // calls happen.
-    let c_program = CString::new(program.as_os_str().as_bytes()).map_err(|_| "NUL in broker path")?;
+    let c_program =
+        CString::new(program.as_os_str().as_bytes()).map_err(|_| "NUL in broker path")?;
     let mut c_args = vec![c_program.clone()];
     for a in args.to_args() {
         c_args.push(CString::new(a).map_err(|_| "NUL in a broker argument")?);
@@ -461,7 +480,10 @@ fn start_broker(
         session_dir: None,
         lifetime_w: Cell::new(life_w.take()),
     };
-    let line = read_ready(ready_r.0, Duration::from_millis(pam_session::BROKER_READY_TIMEOUT_MS));
+    let line = read_ready(
+        ready_r.0,
+        Duration::from_millis(pam_session::BROKER_READY_TIMEOUT_MS),
+    );
     drop(ready_r.take_into());
     let parsed = line.and_then(|bytes| pam_session::parse_ready_line(&bytes));
     match parsed {
@@ -473,7 +495,11 @@ fn start_broker(
                 }
                 None => {
                     stop_broker(&handle);
-                    Err(format!("the broker reported a socket outside {}: {}", cfg.bastion.runtime_dir.display(), path.display()))
+                    Err(format!(
+                        "the broker reported a socket outside {}: {}",
+                        cfg.bastion.runtime_dir.display(),
+                        path.display()
+                    ))
                 }
             }
         }
@@ -551,14 +577,19 @@ fn read_ready(fd: RawFd, timeout: Duration) -> Result<Vec<u8>, String> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("the broker did not report ready within {} ms", timeout.as_millis()));
+            return Err(format!(
+                "the broker did not report ready within {} ms",
+                timeout.as_millis()
+            ));
         }
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX).max(1);
+        let ms = libc::c_int::try_from(left.as_millis())
+            .unwrap_or(libc::c_int::MAX)
+            .max(1);
         // SAFETY: one valid pollfd.
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
         if r < 0 {

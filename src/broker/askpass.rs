@@ -38,7 +38,7 @@ pub fn serve(
                 let ok = crate::session::peer_cred(stream.as_fd())
                     .map(|c| c.uid == me && super::onward::is_child_of(c.pid, ssh_pid))
                     .unwrap_or(false)
-                    && c_parent_is(&stream, ssh_pid);
+                    && parent_is_ssh(&stream, ssh_pid);
                 if !ok {
                     continue;
                 }
@@ -59,7 +59,7 @@ pub fn serve(
 }
 
 /// The askpass peer must be a *child* of ssh (ssh forks it), not ssh itself.
-fn c_parent_is(stream: &UnixStream, ssh_pid: &AtomicI32) -> bool {
+fn parent_is_ssh(stream: &UnixStream, ssh_pid: &AtomicI32) -> bool {
     match crate::session::peer_cred(stream.as_fd()) {
         Ok(c) => crate::agent::parent_pid(c.pid).ok() == Some(ssh_pid.load(Ordering::Acquire)),
         Err(_) => false,
@@ -94,17 +94,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("askpass.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        // Our test process is not a child of pid 1's child ... use a pid that is not ours.
+        // Pretend the onward ssh is pid 1: this test process is not its child, so it must get
+        // nothing, and the server must give up when told to stop.
         let ssh = Arc::new(AtomicI32::new(1));
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (Arc::clone(&ssh), Arc::clone(&stop));
         let t = std::thread::spawn(move || serve(&listener, SecretString::from("pw"), &s2, &st2));
-        // We are not a child of pid 1's ... (our parent is the test harness): refused.
         let mut c = UnixStream::connect(&path).unwrap();
         let mut got = Vec::new();
         c.read_to_end(&mut got).unwrap();
         assert!(got.is_empty());
         stop.store(true, Ordering::Release);
         assert!(!t.join().unwrap());
+    }
+
+    #[test]
+    fn answers_a_child_of_its_ssh_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("askpass.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // Our own pid plays the onward ssh; a child process plays its askpass.
+        let ssh = Arc::new(AtomicI32::new(std::process::id() as i32));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (Arc::clone(&ssh), Arc::clone(&stop));
+        let t = std::thread::spawn(move || serve(&listener, SecretString::from("pw-1"), &s2, &st2));
+        let script = format!(
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect({:?}); sys.stdout.write(s.recv(100).decode())",
+            path.to_str().unwrap()
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "pw-1\n");
+        assert!(t.join().unwrap());
     }
 }

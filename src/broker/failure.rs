@@ -10,11 +10,20 @@ use crate::session::Failure;
 #[derive(Debug)]
 pub enum OnwardError {
     /// A KMS call failed (`stage` is `ACSCurrent` or `ACSPrevious`).
-    Kms { error: KmsError, stage: &'static str },
+    Kms {
+        error: KmsError,
+        stage: &'static str,
+    },
     /// The secret value failed a check (VersionId of the version that did).
-    Secret { error: SecretError, version_id: String },
+    Secret {
+        error: SecretError,
+        version_id: String,
+    },
     /// ssh refused the target's host key. `presented`: the fingerprint ssh saw, if it said.
-    HostKey { presented: Option<String>, pinned: Vec<String> },
+    HostKey {
+        presented: Option<String>,
+        pinned: Vec<String>,
+    },
     /// The target rejected every version tried.
     Rejected { version_ids: Vec<String> },
     /// ssh could not connect (or the host cannot be used); `reason` is for the engineer too.
@@ -79,8 +88,12 @@ pub fn failure_for(err: &OnwardError, t: &Target) -> Failure {
             account: t.account.clone(),
             host: t.host.clone(),
         },
-        OnwardError::HostKey { .. } => Failure::HostKeyChanged { host: t.host.clone() },
-        OnwardError::Rejected { .. } => Failure::CredentialRejected { host: t.host.clone() },
+        OnwardError::HostKey { .. } => Failure::HostKeyChanged {
+            host: t.host.clone(),
+        },
+        OnwardError::Rejected { .. } => Failure::CredentialRejected {
+            host: t.host.clone(),
+        },
         OnwardError::Unreachable { reason } => Failure::Unreachable {
             host: t.host.clone(),
             reason: reason.clone(),
@@ -104,10 +117,17 @@ pub fn log_detail(err: &OnwardError) -> String {
         OnwardError::HostKey { presented, pinned } => format!(
             "host key verification failed: target presented {}, pinned {}",
             presented.as_deref().unwrap_or("(not reported by ssh)"),
-            if pinned.is_empty() { "(none)".to_owned() } else { pinned.join(", ") }
+            if pinned.is_empty() {
+                "(none)".to_owned()
+            } else {
+                pinned.join(", ")
+            }
         ),
         OnwardError::Rejected { version_ids } => {
-            format!("target rejected the credential; VersionIds tried: {}", version_ids.join(", "))
+            format!(
+                "target rejected the credential; VersionIds tried: {}",
+                version_ids.join(", ")
+            )
         }
         OnwardError::Unreachable { reason } => format!("onward connection failed: {reason}"),
         OnwardError::Refused(why) => format!("request refused: {why}"),
@@ -131,23 +151,50 @@ mod tests {
         let mut error = KmsError::new(kind, "x");
         error.code = code.map(str::to_owned);
         error.request_id = Some("RID-1".into());
-        OnwardError::Kms { error, stage: "ACSCurrent" }
+        OnwardError::Kms {
+            error,
+            stage: "ACSCurrent",
+        }
     }
 
     #[test]
     fn the_table() {
         let gone = "root@web-01: its secret acs/ecs/web-01/root no longer exists in KMS; ask your secret administrator";
         let cases: Vec<(OnwardError, &str)> = vec![
-            (kms(KmsErrorKind::NotFound, Some("Forbidden.ResourceNotFound")), gone),
-            (kms(KmsErrorKind::PendingDeletion, Some("Rejected.ResourceInUse")), gone),
-            (kms(KmsErrorKind::Throttled, Some("Rejected.Throttling")), "KMS unavailable, try again"),
-            (kms(KmsErrorKind::Unavailable, None), "KMS unavailable, try again"),
-            (kms(KmsErrorKind::Malformed, None), "KMS unavailable, try again"),
             (
-                kms(KmsErrorKind::BadCredentials, Some("InvalidAccessKeyId.NotFound")),
+                kms(KmsErrorKind::NotFound, Some("Forbidden.ResourceNotFound")),
+                gone,
+            ),
+            (
+                kms(
+                    KmsErrorKind::PendingDeletion,
+                    Some("Rejected.ResourceInUse"),
+                ),
+                gone,
+            ),
+            (
+                kms(KmsErrorKind::Throttled, Some("Rejected.Throttling")),
+                "KMS unavailable, try again",
+            ),
+            (
+                kms(KmsErrorKind::Unavailable, None),
+                "KMS unavailable, try again",
+            ),
+            (
+                kms(KmsErrorKind::Malformed, None),
+                "KMS unavailable, try again",
+            ),
+            (
+                kms(
+                    KmsErrorKind::BadCredentials,
+                    Some("InvalidAccessKeyId.NotFound"),
+                ),
                 "bastion misconfigured (KMS: InvalidAccessKeyId.NotFound)",
             ),
-            (kms(KmsErrorKind::BadCredentials, None), "bastion misconfigured (KMS: NoCredentials)"),
+            (
+                kms(KmsErrorKind::BadCredentials, None),
+                "bastion misconfigured (KMS: NoCredentials)",
+            ),
             (
                 kms(KmsErrorKind::Forbidden, Some("Forbidden.NoPermission")),
                 "bastion misconfigured (KMS: Forbidden.NoPermission)",
@@ -157,19 +204,29 @@ mod tests {
                 "bastion misconfigured (KMS: IllegalTimestamp)",
             ),
             (
-                OnwardError::Secret { error: SecretError::UserNameMismatch, version_id: "v1".into() },
+                OnwardError::Secret {
+                    error: SecretError::UserNameMismatch,
+                    version_id: "v1".into(),
+                },
                 "secret for root@web-01 is unusable",
             ),
             (
-                OnwardError::HostKey { presented: Some("SHA256:a".into()), pinned: vec!["SHA256:b".into()] },
+                OnwardError::HostKey {
+                    presented: Some("SHA256:a".into()),
+                    pinned: vec!["SHA256:b".into()],
+                },
                 "host key of web-01 changed; refusing",
             ),
             (
-                OnwardError::Rejected { version_ids: vec!["v2".into(), "v1".into()] },
+                OnwardError::Rejected {
+                    version_ids: vec!["v2".into(), "v1".into()],
+                },
                 "web-01 rejected the credential",
             ),
             (
-                OnwardError::Unreachable { reason: "Connection refused".into() },
+                OnwardError::Unreachable {
+                    reason: "Connection refused".into(),
+                },
                 "cannot connect to web-01: Connection refused",
             ),
         ];
@@ -181,8 +238,13 @@ mod tests {
     #[test]
     fn log_details_name_codes_and_versions() {
         let d = log_detail(&kms(KmsErrorKind::Throttled, Some("Rejected.Throttling")));
-        assert!(d.contains("Rejected.Throttling") && d.contains("RID-1"), "{d}");
-        let d = log_detail(&OnwardError::Rejected { version_ids: vec!["v2".into(), "v1".into()] });
+        assert!(
+            d.contains("Rejected.Throttling") && d.contains("RID-1"),
+            "{d}"
+        );
+        let d = log_detail(&OnwardError::Rejected {
+            version_ids: vec!["v2".into(), "v1".into()],
+        });
         assert!(d.contains("v2, v1"), "{d}");
         let d = log_detail(&OnwardError::HostKey {
             presented: Some("SHA256:new".into()),

@@ -277,8 +277,8 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
         .map_err(|e| cleanup_err(format!("creating {}: {e}", private.display())))?;
     chown(&private, svc.uid, svc.gid).map_err(cleanup_err)?;
     let socket = session_dir.join("connect.sock");
-    let listener =
-        UnixListener::bind(&socket).map_err(|e| cleanup_err(format!("binding {}: {e}", socket.display())))?;
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| cleanup_err(format!("binding {}: {e}", socket.display())))?;
     chown(&socket, engineer_uid, svc.gid).map_err(cleanup_err)?;
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
         .map_err(|e| cleanup_err(format!("chmod socket: {e}")))?;
@@ -326,7 +326,10 @@ fn drop_privileges(svc: &ServiceUser) -> Result<(), String> {
             || libc::setresgid(svc.gid, svc.gid, svc.gid) != 0
             || libc::setresuid(svc.uid, svc.uid, svc.uid) != 0
         {
-            return Err(format!("dropping privileges: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "dropping privileges: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         // Must not be able to regain root.
         if libc::setuid(0) == 0 || libc::seteuid(0) == 0 {
@@ -409,7 +412,11 @@ fn serve(broker: &Arc<Broker>, listener: &UnixListener, lifetime: &OwnedFd) {
             // Lifetime pipe: EOF/HUP (or stray data, also the end); or a signal.
             return;
         }
-        if pfds.first().map(|p| p.revents & libc::POLLIN != 0).unwrap_or(false) {
+        if pfds
+            .first()
+            .map(|p| p.revents & libc::POLLIN != 0)
+            .unwrap_or(false)
+        {
             let Ok((stream, _)) = listener.accept() else {
                 continue;
             };
@@ -430,18 +437,31 @@ fn serve(broker: &Arc<Broker>, listener: &UnixListener, lifetime: &OwnedFd) {
 
 /// Hang up every onward ssh, give them a moment, then kill what is left.
 fn shutdown(broker: &Broker) {
-    let slots: Vec<Arc<ChildSlot>> = broker.children.lock().map(|c| c.clone()).unwrap_or_default();
+    let slots: Vec<Arc<ChildSlot>> = broker
+        .children
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default();
     for s in &slots {
         s.cancelled.store(true, Ordering::Release);
         s.signal(libc::SIGHUP);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline
-        && broker.children.lock().map(|c| !c.is_empty()).unwrap_or(false)
+        && broker
+            .children
+            .lock()
+            .map(|c| !c.is_empty())
+            .unwrap_or(false)
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    for s in broker.children.lock().map(|c| c.clone()).unwrap_or_default() {
+    for s in broker
+        .children
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default()
+    {
         s.signal(libc::SIGKILL);
     }
 }
@@ -483,7 +503,10 @@ fn peer_allowed(broker: &Broker, stream: &UnixStream) -> Result<(), String> {
     }
     let sshd = i32::try_from(broker.args.sshd_pid).unwrap_or(-1);
     if cred.pid <= 0 || !descends_from(cred.pid, sshd, |p| ppid_from_proc(Path::new("/proc"), p)) {
-        return Err(format!("peer pid {} does not descend from sshd {sshd}", cred.pid));
+        return Err(format!(
+            "peer pid {} does not descend from sshd {sshd}",
+            cred.pid
+        ));
     }
     Ok(())
 }
@@ -571,7 +594,13 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
         Err(err) => {
             let f = failure_for(&err, &broker.target());
             let detail = log_detail(&err);
-            audit::send_syslog(4, &format!("{}@{}@{}: {detail}", broker.args.engineer, broker.account.name, broker.host.name));
+            audit::send_syslog(
+                4,
+                &format!(
+                    "{}@{}@{}: {detail}",
+                    broker.args.engineer, broker.account.name, broker.host.name
+                ),
+            );
             end.result = Some(f.kind().into());
             end.reason = Some(detail);
             f.to_message()
@@ -611,7 +640,10 @@ fn onward_connection(
                 if stage == SecretStage::Previous {
                     // No previous version (or it cannot be fetched): the rejection stands.
                     if !matches!(error.kind, KmsErrorKind::NotFound) {
-                        audit::send_syslog(4, &format!("GetSecretValue(ACSPrevious) failed: {error}"));
+                        audit::send_syslog(
+                            4,
+                            &format!("GetSecretValue(ACSPrevious) failed: {error}"),
+                        );
                     }
                     break;
                 }
@@ -700,7 +732,11 @@ mod tests {
         mk(800, 1, "evil) S 500 (x");
         mk(900, 1, "other-sshd");
         let ppid = |p| ppid_from_proc(dir.path(), p);
-        assert_eq!(ppid(800), Some(1), "comm with ') S 500 (' must not fool the parser");
+        assert_eq!(
+            ppid(800),
+            Some(1),
+            "comm with ') S 500 (' must not fool the parser"
+        );
         assert!(descends_from(700, 500, ppid));
         assert!(descends_from(600, 500, ppid));
         assert!(!descends_from(800, 500, ppid));
@@ -716,7 +752,10 @@ mod tests {
     fn real_proc_ancestry_of_ourselves() {
         let me = std::process::id() as i32;
         let parent = ppid_from_proc(Path::new("/proc"), me).unwrap();
-        assert!(descends_from(me, parent, |p| ppid_from_proc(Path::new("/proc"), p)));
+        assert!(descends_from(me, parent, |p| ppid_from_proc(
+            Path::new("/proc"),
+            p
+        )));
         assert!(descends_from(me, me, |_| None));
     }
 }

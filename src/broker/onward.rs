@@ -17,7 +17,7 @@ use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -36,8 +36,7 @@ pub fn validated_term(term: Option<&str>) -> String {
         Some(t)
             if !t.is_empty()
                 && t.len() <= 64
-                && t
-                    .bytes()
+                && t.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b)) =>
         {
             t.to_owned()
@@ -51,8 +50,7 @@ pub fn valid_destination(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
         && !s.starts_with('-')
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".:-_".contains(&b))
 }
 
@@ -114,7 +112,10 @@ fn opt(args: &mut Vec<OsString>, kv: String) {
 /// sends it verbatim to the target's shell; nothing on the jump host interprets it).
 pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
     if !valid_destination(p.address) {
-        return Err(format!("host address {:?} is not usable as an ssh destination", p.address));
+        return Err(format!(
+            "host address {:?} is not usable as an ssh destination",
+            p.address
+        ));
     }
     let mut a: Vec<OsString> = vec!["-F".into(), "none".into(), "-e".into(), "none".into()];
     a.push("-E".into());
@@ -160,7 +161,10 @@ pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
             opt(&mut a, "IdentityAgent=none".into());
             opt(&mut a, "IdentitiesOnly=yes".into());
             opt(&mut a, "PubkeyAuthentication=no".into());
-            opt(&mut a, "PreferredAuthentications=password,keyboard-interactive".into());
+            opt(
+                &mut a,
+                "PreferredAuthentications=password,keyboard-interactive".into(),
+            );
             opt(&mut a, "NumberOfPasswordPrompts=1".into());
         }
     }
@@ -211,7 +215,10 @@ pub fn classify_log_line(line: &str) -> LogEvent {
         || (l.contains("host key is known for") && l.contains("strict checking"))
     {
         LogEvent::HostKeyFailure
-    } else if let Some(fp) = l.split_ascii_whitespace().find(|w| w.starts_with("SHA256:")) {
+    } else if let Some(fp) = l
+        .split_ascii_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+    {
         if l.starts_with("SHA256:") || l.contains("key sent by the remote host") {
             LogEvent::PresentedFingerprint(fp.trim_end_matches('.').to_owned())
         } else {
@@ -459,7 +466,9 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
         }
     };
     if let (Some(i), Some(o), Some(e)) = (stdio.next(), stdio.next(), stdio.next()) {
-        cmd.stdin(Stdio::from(i)).stdout(Stdio::from(o)).stderr(Stdio::from(e));
+        cmd.stdin(Stdio::from(i))
+            .stdout(Stdio::from(o))
+            .stderr(Stdio::from(e));
     }
     // SAFETY: the closure only calls async-signal-safe functions (prctl, sigemptyset,
     // sigprocmask, signal). If the broker thread waiting for this ssh dies, the kernel kills
@@ -467,7 +476,13 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     // blocked SIGHUP/SIGTERM/SIGINT or ignored SIGPIPE, or a hangup would not end it.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -575,7 +590,11 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     } else if summary.host_key_failed {
         Attempt::Failed(OnwardError::HostKey {
             presented: summary.presented,
-            pinned: cx.host_keys.iter().filter_map(|k| pinned_fingerprint(k)).collect(),
+            pinned: cx
+                .host_keys
+                .iter()
+                .filter_map(|k| pinned_fingerprint(k))
+                .collect(),
         })
     } else if summary.denied {
         Attempt::Rejected
@@ -638,18 +657,6 @@ pub fn private_dir(parent: &Path, prefix: &str) -> std::io::Result<PathBuf> {
     Err(std::io::Error::other("could not create a unique directory"))
 }
 
-use std::os::unix::fs::DirBuilderExt;
-
-/// Write `data` to a new file in a private directory (no secret ever goes through here).
-pub fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -683,14 +690,21 @@ mod tests {
 
     #[test]
     fn exec_args_put_the_command_last_as_one_argument() {
-        let r = req(RequestKind::Exec, false, "-oProxyCommand=id; echo `id` $(id)");
+        let r = req(
+            RequestKind::Exec,
+            false,
+            "-oProxyCommand=id; echo `id` $(id)",
+        );
         let key = AuthOptions::Key {
             agent: "/run/k/p/agent.sock".into(),
             public_key: "/run/k/p/id.pub".into(),
         };
         let a = strs(&ssh_args(&plan(&r, key)).unwrap());
         let n = a.len();
-        assert_eq!(&a[n - 3..], ["--", "127.0.0.2", "-oProxyCommand=id; echo `id` $(id)"]);
+        assert_eq!(
+            &a[n - 3..],
+            ["--", "127.0.0.2", "-oProxyCommand=id; echo `id` $(id)"]
+        );
         assert_eq!(a[n - 4], "-T");
         for must in [
             "StrictHostKeyChecking=yes",
@@ -759,35 +773,57 @@ mod tests {
     fn known_hosts_lines() {
         let kh = known_hosts(
             "web-01",
-            &["ssh-ed25519 AAAAC3Nz host@x".into(), "garbage".into(), "ssh-rsa AAAAB3 ".into()],
+            &[
+                "ssh-ed25519 AAAAC3Nz host@x".into(),
+                "garbage".into(),
+                "ssh-rsa AAAAB3 ".into(),
+            ],
         );
         assert_eq!(kh, "web-01 ssh-ed25519 AAAAC3Nz\nweb-01 ssh-rsa AAAAB3\n");
     }
 
     #[test]
     fn pinned_fingerprints_match_ssh_keygen() {
-        // ssh-keygen -lf of this key prints SHA256:… computed over the decoded blob.
-        let k = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
-        let fp = pinned_fingerprint(k).unwrap();
-        assert!(fp.starts_with("SHA256:") && fp.len() == 7 + 43, "{fp}");
+        // `ssh-keygen -lf` of this key prints
+        // 256 SHA256:+DiY3wvvV6TuJJhbpZisF/zLDA0zPMSvHdkr4UvCOqU x (ED25519)
+        let k =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x";
+        assert_eq!(
+            pinned_fingerprint(k).unwrap(),
+            "SHA256:+DiY3wvvV6TuJJhbpZisF/zLDA0zPMSvHdkr4UvCOqU"
+        );
         assert!(pinned_fingerprint("ssh-ed25519 !!!").is_none());
     }
 
     #[test]
     fn log_classification() {
         let cases = [
-            ("Authenticated to web-01 ([127.0.0.2]:22) using \"publickey\".\r\n", LogEvent::Authenticated),
-            ("root@127.0.0.2: Permission denied (publickey).", LogEvent::PermissionDenied),
-            ("@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @", LogEvent::HostKeyFailure),
+            (
+                "Authenticated to web-01 ([127.0.0.2]:22) using \"publickey\".\r\n",
+                LogEvent::Authenticated,
+            ),
+            (
+                "root@127.0.0.2: Permission denied (publickey).",
+                LogEvent::PermissionDenied,
+            ),
+            (
+                "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @",
+                LogEvent::HostKeyFailure,
+            ),
             ("Host key verification failed.", LogEvent::HostKeyFailure),
             (
                 "No ED25519 host key is known for web-01 and you have requested strict checking.",
                 LogEvent::HostKeyFailure,
             ),
-            ("SHA256:abcDEF.", LogEvent::PresentedFingerprint("SHA256:abcDEF".into())),
+            (
+                "SHA256:abcDEF.",
+                LogEvent::PresentedFingerprint("SHA256:abcDEF".into()),
+            ),
             (
                 "ssh: connect to host 127.0.0.2 port 22: Connection refused",
-                LogEvent::ConnectError("connect to host 127.0.0.2 port 22: Connection refused".into()),
+                LogEvent::ConnectError(
+                    "connect to host 127.0.0.2 port 22: Connection refused".into(),
+                ),
             ),
             ("Server host key: ssh-ed25519 SHA256:xyz", LogEvent::Other),
             ("Transferred: sent 1, received 2 bytes", LogEvent::Other),

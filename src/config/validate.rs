@@ -146,7 +146,10 @@ fn opt_string(s: &Option<Spanned<String>>, default: &str) -> String {
 fn absolute_path(ctx: &mut Ctx<'_>, s: &Spanned<String>, what: &str) -> PathBuf {
     let v = s.get_ref();
     if !v.starts_with('/') || v.chars().any(|c| c.is_control() || c == ':') {
-        ctx.err(s, format!("{what} must be an absolute path without ':' or control characters, got {v:?}"));
+        ctx.err(
+            s,
+            format!("{what} must be an absolute path without ':' or control characters, got {v:?}"),
+        );
     }
     PathBuf::from(v)
 }

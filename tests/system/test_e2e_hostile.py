@@ -8,7 +8,6 @@ target's /tmp means the target account's own shell ran it, which is what ssh doe
 The last test searches the whole namespace for the credentials after all of this.
 """
 
-import json
 import os
 import signal
 import socket
@@ -420,15 +419,17 @@ def test_the_credential_is_nowhere_on_the_jump_host(world):
         assert world.ssh(world.login("alice", target), "true").returncode == 0
     needles = needles_for(world)
     assert len(needles) == 6  # 2 passwords, 2 × 2 key lines
-    child = world.spawn_ssh(world.login("alice", LOGIN_TARGET))
+    children = [world.spawn_ssh(world.login("alice", target)) for target in world.targets]
     try:
-        child.sendline("echo SCAN-$((5*5))")
-        child.expect("SCAN-25")
-        assert world.broker_pids()
+        for child in children:
+            child.sendline("echo SCAN-$((5*5))")
+            child.expect("SCAN-25")
+        assert len(world.broker_pids()) >= 2
         hits = world.scan_for(needles)
     finally:
-        child.sendline("exit")
-        child.close()
+        for child in children:
+            child.sendline("exit")
+            child.close()
     assert hits == [], f"credential bytes found: {hits}"
     # The audit log is part of the scan; say so explicitly since it is the likeliest leak.
     audit = world.audit_log.read_bytes()

@@ -21,6 +21,9 @@ anywhere else), everything a real deployment has:
 * the **secret administrator**: ECS secrets created in the emulator over the signed API
   (ACS3-HMAC-SHA256, the official SDKs' default), rotation, deletion, restore, fault injection
   and call statistics (:class:`KmsAdmin`);
+* a private ``/dev`` view with a **syslog socket** (the namespace has no ``/dev/log``, and the
+  host's devtmpfs must not get one): sshd's PAM stack, the PAM module, the broker and the
+  AuthorizedKeysCommand log there, into ``<log dir>/syslog.log`` (:attr:`World.syslog`);
 * **engineers** with their own ed25519 client keys: ``alice`` (root@web-01 and deploy@web-02
   from 127.0.0.0/8), ``bob`` (no grant), ``carol`` (grant expired), ``dave`` (only from
   10.0.0.0/8).
@@ -39,7 +42,6 @@ namespace kills anything left when the runner exits.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import datetime
@@ -411,6 +413,51 @@ def ssh_keygen(path: Path, kind: str = "ed25519", comment: str = "", bits: Optio
     return Path(f"{path}.pub").read_text().strip()
 
 
+class SyslogSink:
+    """A minimal syslog daemon: receives datagrams on a Unix socket and appends them, one per
+    line with a receive timestamp, to a file (``lines()`` reads them back)."""
+
+    def __init__(self, socket_path: Path, out: Path):
+        self.socket_path = socket_path
+        self.out = out
+        self._sock: Optional[socket.socket] = None
+        self._stop = threading.Event()
+
+    def start(self) -> "SyslogSink":
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self.socket_path))
+        os.chmod(self.socket_path, 0o666)
+        self._sock.settimeout(0.2)
+        threading.Thread(target=self._serve, daemon=True, name="syslog-sink").start()
+        return self
+
+    def _serve(self) -> None:
+        with open(self.out, "a") as f:
+            while not self._stop.is_set():
+                try:
+                    data = self._sock.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                f.write(time.strftime("%H:%M:%S ") + data.decode(errors="replace").rstrip("\n\0") + "\n")
+                f.flush()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+
+    def lines(self) -> list[str]:
+        """Every line received so far."""
+        try:
+            return self.out.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+
 class World:
     """One jump host, two targets, the KMS emulator and the engineers; see the module doc.
 
@@ -451,6 +498,8 @@ class World:
         #: The local, non-bastion admin of the jump host (own authorized_keys).
         self.admin_key = self.root / "client" / "admin_ed25519"
         self.kms: Optional[KmsAdmin] = None
+        #: The /dev/log listener (see :meth:`_private_dev`); its lines are in ``syslog.log``.
+        self.syslog: Optional["SyslogSink"] = None
         self.daemons: dict[str, Daemon] = {}
         self._version_seq = 1
         self._started = False
@@ -477,6 +526,7 @@ class World:
             for d in (self.root, self.log_dir):
                 d.mkdir(parents=True, exist_ok=True)
                 os.chmod(d, 0o755)
+            self._private_dev()
             self._network()
             self._users()
             self._install_binaries()
@@ -524,6 +574,11 @@ class World:
             ld_conf.unlink()
             subprocess.run(["ldconfig"], check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.syslog is not None:
+            self.syslog.stop()
+            self.syslog = None
+        if _mounted_at("/dev") == "kmsb-world-dev":
+            subprocess.run(["umount", "-l", "/dev"], check=False)
         self._started = False
 
     @staticmethod
@@ -584,6 +639,35 @@ class World:
         for point, mode in (("/home", "0755"), ("/var/log", "0755")):
             if _mounted_at(point) != f"kmsb-world{point.replace('/', '-')}":
                 _run(["mount", "-t", "tmpfs", "-o", f"mode={mode},nosuid,nodev", f"kmsb-world{point.replace('/', '-')}", point])
+
+    def _private_dev(self) -> None:
+        """Gives the namespace its own /dev with a syslog socket: sshd, the PAM module and the
+        broker log to /dev/log, which the host's devtmpfs does not have (and must not get).
+        A tmpfs goes over /dev; device nodes are re-created, pts/shm (and other mounts and
+        directories) are bind-mounted back, symlinks copied; then ``/dev/log`` is served by
+        :class:`SyslogSink` into ``<log dir>/syslog.log``. :meth:`stop` lazily unmounts it."""
+        if _mounted_at("/dev") == "kmsb-world-dev":
+            return
+        orig = Path("/run/kmsb-dev-orig")
+        orig.mkdir(mode=0o755, exist_ok=True)
+        _run(["mount", "--rbind", "/dev", str(orig)])
+        _run(["mount", "--make-rslave", str(orig)])
+        _run(["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid", "kmsb-world-dev", "/dev"])
+        for entry in sorted(orig.iterdir()):
+            st = entry.lstat()
+            dest = Path("/dev") / entry.name
+            kind = st.st_mode & 0o170000
+            if kind == 0o120000:  # symlink
+                os.symlink(os.readlink(entry), dest)
+            elif kind == 0o040000:  # directory (pts, shm, net, …): the same thing, bound
+                dest.mkdir(mode=st.st_mode & 0o7777)
+                _run(["mount", "--rbind", str(entry), str(dest)])
+            elif kind in (0o020000, 0o060000):  # char/block device
+                os.mknod(dest, st.st_mode, st.st_rdev)
+                os.chown(dest, st.st_uid, st.st_gid)
+                os.chmod(dest, st.st_mode & 0o7777)
+        _run(["umount", "-l", str(orig)])
+        self.syslog = SyslogSink(Path("/dev/log"), self.log_dir / "syslog.log").start()
 
     def _network(self) -> None:
         have = _run(["ip", "-o", "addr", "show", "dev", "lo"]).stdout

@@ -6,7 +6,9 @@ use kmsbastion::login::{Login, MAX_LOGIN_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     match Login::parse(s) {
         Ok(login) => {
             assert_eq!(login.to_string(), s);
