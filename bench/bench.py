@@ -103,8 +103,8 @@ def main() -> int:
     # 2. The World: logins and concurrency.
     w = logins.BenchWorld()
     log("world: starting (emulator, targets, jump host)")
-    w.start()
     try:
+        w.start()
         ref = logins.Reference(w)
         alice = w.engineers["alice"]
         r.helpers["akc_small"] = helpers.small_config_akc(
@@ -133,6 +133,9 @@ def main() -> int:
                     log(f"profile: strace of one bastion login → {target} (ratio {ratio:.2f})")
                     r.profiles[f"strace of one bastion login → {target}"] = prof.strace_login(
                         ref, ref.variants[(target, "bastion")], work, w.daemons["sshd-jump"].process.pid)
+                    if target == "web-01":
+                        log("profile: the onward phase of key logins, with the onward ssh wrapped")
+                        r.profiles["onward phase of bastion logins → web-01"] = prof.onward_breakdown(w, ref)
 
         log(f"concurrency: {a.concurrent} bastion logins at once (sshd defaults)")
         r.concurrency.append(logins.concurrency(ref, a.concurrent, log=log))

@@ -146,3 +146,103 @@ def strace_login(ref, variant, workdir: Path, sshd_pid: int) -> str:
     head = f"login exit {rc}, {t * 1e3:.0f} ms under strace (tracing slows every process; compare gaps, not totals)"
     head += "; times in ms since sshd re-executed itself for the connection"
     return "\n".join([head, *rows, "", "repeated sleeps / non-blocking waits:", *(summary or ["(none)"])])
+
+
+def onward_breakdown(w, ref, runs: int = 10) -> str:
+    """Splits the bastion's onward phase of key logins to web-01 into: request → onward ssh
+    started, the onward ssh itself, ssh exit → reply, by pointing ``[bastion] ssh`` at a
+    two-line wrapper that stamps its start and end (``date +%s%N``) around ``/usr/bin/ssh``,
+    next to the ``connect-start``/``connect-end`` audit events. Then it runs the same ssh
+    command line (captured by the wrapper; it holds no secret) directly with the static
+    reference key in place of the broker's agent, to show what that ssh costs without the
+    broker. Restores the World's configuration afterwards."""
+    stamps = Path("/run/kmsb-bench-stamps")
+    stamps.mkdir(mode=0o1777, exist_ok=True)
+    os.chmod(stamps, 0o1777)
+    log = stamps / "ssh.log"
+    log.write_text("")
+    os.chmod(log, 0o666)
+    wrapper = w.bin("ssh-timed")
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "start $$ $(date +%s%N)" >> {log}\n'
+        f'printf "argv %s\\n" "$*" >> {log}\n'
+        "/usr/bin/ssh \"$@\"\nrc=$?\n"
+        f'echo "end $$ $(date +%s%N)" >> {log}\n'
+        "exit $rc\n")
+    os.chmod(wrapper, 0o755)
+    base = w.config_text()
+    w.write_config(base.replace('ssh = "/usr/bin/ssh"', f'ssh = "{wrapper}"'))
+    v = ref.variants[("web-01", "bastion")]
+    rows = []
+    try:
+        for i in range(runs):
+            mark = w.audit_mark()
+            log.write_text("")
+            wall0 = time.time()
+            t, rc = ref.run(v, ref.dir / "stderr-onward")
+            ev = {e.get("event"): e for e in w.audit_since(mark)}
+            text = log.read_text().split("\n")
+            st = next((int(l.split()[2]) / 1e9 for l in text if l.startswith("start ")), None)
+            en = next((int(l.split()[2]) / 1e9 for l in text if l.startswith("end ")), None)
+            argv = next((l[5:] for l in text if l.startswith("argv ")), None)
+
+            def ts(name):
+                e = ev.get(name)
+                return datetime.datetime.strptime(e["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                    tzinfo=datetime.timezone.utc).timestamp() if e else None
+
+            cs, ce = ts("connect-start"), ts("connect-end")
+            if rc == 0 and None not in (st, en, cs, ce):
+                rows.append({"total": t, "to_start": (cs - wall0), "request_to_ssh": st - cs,
+                             "ssh": en - st, "ssh_to_reply": ce - en})
+    finally:
+        w.write_config(base)
+        wrapper.unlink()
+    if not rows:
+        return "(no successful instrumented login)"
+    import statistics as stt
+
+    def med(k):
+        return stt.median(r[k] for r in rows) * 1e3
+
+    out = [f"{len(rows)} bastion logins → web-01 with the onward ssh wrapped (medians, ms):",
+           f"  spawn of the client → connect-start (hop 1, PAM session, broker, login shell): {med('to_start'):7.1f}",
+           f"  connect-start → onward ssh started (GetSecretValue, parse, spawn):            {med('request_to_ssh'):7.1f}",
+           f"  onward ssh start → exit (TCP, kex, agent auth, exec true, close):            {med('ssh'):7.1f}",
+           f"  onward ssh exit → connect-end (reap, zeroize, audit):                          {med('ssh_to_reply'):7.1f}",
+           f"  whole login:                                                                   {med('total'):7.1f}"]
+    # The same ssh command line without the broker: the static key instead of the agent.
+    if argv:
+        args = argv.split()
+        known = ref.dir / "known_hosts_alias"
+        known.write_text(f"web-01 {w.targets['web-01'].host_key}\n")
+        fixed = []
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "-E" and i + 1 < len(args):
+                fixed += ["-E", str(ref.dir / "direct-ssh.log")]
+                i += 2
+                continue
+            if a.startswith("IdentityAgent="):
+                a = "IdentityAgent=none"
+            elif a.startswith("IdentityFile="):
+                a = f"IdentityFile={ref.static_key}"
+            elif a.startswith("UserKnownHostsFile="):
+                a = f"UserKnownHostsFile={known}"
+            fixed.append(a)
+            i += 1
+        times = []
+        for i in range(runs):
+            t0 = time.perf_counter()
+            r = subprocess.run(["/usr/bin/ssh", *fixed],
+                               stdin=subprocess.DEVNULL, capture_output=True, env=ref.env)
+            if r.returncode == 0:
+                times.append(time.perf_counter() - t0)
+        if times:
+            out.append(f"  the same ssh command line run directly with the static key (no broker, no agent): "
+                       f"{stt.median(times) * 1e3:.1f} ({len(times)} runs)")
+        else:
+            out.append(f"  (the same ssh command line without the broker failed: {r.stderr[-200:]!r})")
+    return "\n".join(out)

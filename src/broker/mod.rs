@@ -38,6 +38,12 @@
 //! answer `Exit{status}` or `Failed{code, line}` (see [`failure`]). Each request is audited
 //! (`connect-start`, `connect-end`).
 //!
+//! # Exit status
+//!
+//! 0 after a normal end (lifetime EOF or signal); 1 when it could not start (the reason is on
+//! the ready pipe as `error …`, which the PAM module logs, and on syslog); 2 for a bad command
+//! line.
+//!
 //! # Askpass mode
 //!
 //! With `KMSBASTION_ASKPASS=<socket>` in its environment (set only for the onward ssh, which
