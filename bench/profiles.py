@@ -106,7 +106,7 @@ def strace_login(ref, variant, workdir: Path, sshd_pid: int) -> str:
         return "(strace is not available here)"
     out = workdir / f"strace-{variant.name}-{variant.target}.txt"
     st = subprocess.Popen(["strace", "-f", "-ttt", "-q", "-s", "60", "-o", str(out), "-e",
-                           "trace=execve,connect,exit_group,wait4,clock_nanosleep,poll,ppoll,accept4",
+                           "trace=execve,connect,exit_group,wait4,clock_nanosleep,accept4,openat",
                            "-p", str(sshd_pid)], stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     t, rc = ref.run(variant, workdir / "stderr-strace")
@@ -128,7 +128,7 @@ def strace_login(ref, variant, workdir: Path, sshd_pid: int) -> str:
                 continue
             t0 = ts  # sshd re-executing itself for the new connection
         rel = (ts - t0) * 1e3
-        if call == "execve" and "= 0" in args or (call == "execve" and "resumed" in line):
+        if call == "execve" and "ENOENT" not in args and "resumed" not in line:
             prog = re.search(r'\["([^"]+)"(?:, "([^"]*)")?', args)
             if prog:
                 names[pid] = os.path.basename(prog.group(1))
@@ -138,6 +138,8 @@ def strace_login(ref, variant, workdir: Path, sshd_pid: int) -> str:
             if addr:
                 where = addr.group(1) or f"{addr.group(3)}:{addr.group(2)}"
                 rows.append(f"{rel:8.1f} ms  [{pid}] {names.get(pid, '?')} connect {where}")
+        elif call == "openat" and "kmsbastion.toml" in args:
+            rows.append(f"{rel:8.1f} ms  [{pid}] {names.get(pid, '?')} opens kmsbastion.toml")
         elif call == "exit_group":
             rows.append(f"{rel:8.1f} ms  [{pid}] {names.get(pid, '?')} exit {args.split(')')[0]}")
         elif call in ("clock_nanosleep",) or (call == "wait4" and "WNOHANG" in args and "= 0" in args):
@@ -246,3 +248,23 @@ def onward_breakdown(w, ref, runs: int = 10) -> str:
         else:
             out.append(f"  (the same ssh command line without the broker failed: {r.stderr[-200:]!r})")
     return "\n".join(out)
+
+
+def symbolized_helpers(repo: Path, workdir: Path, log=print) -> Optional[dict]:
+    """The release profile strips symbols, which leaves perf with bare addresses. This builds
+    the same code with symbols kept (``CARGO_PROFILE_RELEASE_STRIP=none``, same optimisation)
+    into ``build/bench/target`` (its own target dir: the shared ``target/`` is untouched) and
+    returns ``{"keys": path, "nss": path}``, or None when the build fails."""
+    if not shutil.which("cargo"):
+        return None
+    target = workdir / "target"
+    env = dict(os.environ, CARGO_PROFILE_RELEASE_STRIP="none", CARGO_TARGET_DIR=str(target))
+    for argv in (["cargo", "build", "-q", "--release", "--locked", "--offline", "-p", "nss_kmsbastion"],
+                 ["cargo", "build", "-q", "--release", "--locked", "--offline", "-p", "kmsbastion", "--no-default-features",
+                  "--bin", "kmsbastion-keys"]):
+        r = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            log(f"profile: symbolized build failed ({' '.join(argv)}): {r.stderr.strip()[-300:]}")
+            return None
+    out = {"keys": target / "release" / "kmsbastion-keys", "nss": target / "release" / "libnss_kmsbastion.so"}
+    return out if all(p.is_file() for p in out.values()) else None

@@ -24,6 +24,7 @@ class Results:
     large_logins: Optional[Samples] = None
     timelines: dict = field(default_factory=dict)
     profiles: dict = field(default_factory=dict)
+    profile_note: str = ""
     errors: list = field(default_factory=list)
 
 
@@ -227,7 +228,8 @@ def markdown(r: Results, targets: dict) -> str:
     if r.profiles:
         out += ["## Profiles of missed targets", "",
                 "Helpers: `perf record -g` of one call, self time by DSO and symbol (`perf report "
-                "--no-children`). Logins: `strace -f` attached to the jump sshd during one login.", ""]
+                "--no-children`). Logins: `strace -f` attached to the jump sshd during one login.",
+                *([r.profile_note] if r.profile_note else []), ""]
         for name, text in r.profiles.items():
             out += [f"### {name}", "", "```", text, "```", ""]
     return "\n".join(out) + "\n"

@@ -8,6 +8,13 @@
 //! The PAM module uses this module too (it has no `client` feature): syslog is written as one
 //! datagram to `/dev/log` rather than through `openlog(3)`, so loading the module never changes
 //! sshd's own syslog identity.
+//!
+//! The file is opened by root (the PAM module inside sshd; the broker before it drops
+//! privileges), so it is opened without following a symlink and without blocking
+//! (`O_NOFOLLOW|O_NONBLOCK`), and anything but a regular file (a FIFO planted there would hang
+//! sshd's PAM account step) is refused. Its directory should be root-owned 0755
+//! (`/var/log/kmsbastion`) with `audit.log` pre-created `kmsbastion:adm 0640`, as the
+//! packages' tmpfiles.d entry does: then no one but root can plant anything there.
 #![forbid(unsafe_code)]
 
 use serde::Serialize;
@@ -167,12 +174,20 @@ impl Audit {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
+    let f = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(AUDIT_FILE_MODE)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    // O_NONBLOCK only matters for what is refused here (a FIFO, a device); it has no effect on
+    // a regular file's writes.
+    if !f.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (refusing a FIFO, device or socket)",
+        ));
+    }
+    Ok(f)
 }
 
 /// Send one message to syslog (AUTHPRIV, ident `kmsbastion`) as a datagram to `/dev/log`.
@@ -302,6 +317,49 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("[redacted]"));
+    }
+
+    #[test]
+    fn a_fifo_or_symlink_is_refused_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("audit.log");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // No reader: a blocking open would fail with ENXIO; with a reader it would succeed.
+        // Both cases must end quickly and without a file.
+        let reader = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo)
+            }
+        });
+        let held = reader.join().unwrap().unwrap();
+        let started = std::time::Instant::now();
+        let err = open_append(&fifo).unwrap_err();
+        assert!(err.to_string().contains("regular file"), "{err}");
+        let audit = Audit::open(Some(&fifo), false);
+        assert!(audit.file.is_none());
+        audit.emit(&Event::new("login"));
+        drop(held);
+        assert!(open_append(&fifo).is_err());
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(
+            open_append(&link).is_err(),
+            "a symlink must not be followed"
+        );
+        Audit::open(Some(&link), false).emit(&Event::new("login"));
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
     }
 
     #[test]

@@ -14,6 +14,7 @@ PACKAGES=(
     pandoc                                # man pages from markdown
     lintian rpm debootstrap dpkg-dev      # packaging and its tests
     ca-certificates curl
+    openssl                               # test CA/certificates for the KMS client's HTTPS test
 )
 
 missing=()

@@ -67,7 +67,9 @@ impl Emulator {
             .env_remove("ALIBABA_CLOUD_SECURITY_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("emulator.log")).expect("log file"),
+            ));
         if let Some(t) = token {
             cmd.env("ALIBABA_CLOUD_SECURITY_TOKEN", t);
         }
@@ -171,6 +173,11 @@ impl Drop for Emulator {
         // Child::kill sends SIGKILL to exactly this pid.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The emulator logs one line per request: show them for the failed test.
+            let log = std::fs::read_to_string(self.dir.path().join("emulator.log"));
+            eprintln!("--- kms-emulator log ---\n{}", log.unwrap_or_default());
+        }
     }
 }
 
@@ -661,4 +668,203 @@ fn persistent_throttling_ends_as_throttled() {
     assert!(e.message.contains("gave up after"), "{e}");
     assert!(started.elapsed() < Duration::from_millis(1800));
     assert!(emu.calls("GetSecretValue") >= 3);
+}
+
+/// A TLS-terminating proxy in front of the emulator (Python's `ssl` + `http.server`), so the
+/// client's HTTPS path and `[kms] ca_file` are exercised for real. Headers and body pass
+/// through untouched, so the emulator still verifies the signatures (Host included).
+const TLS_PROXY_PY: &str = r#"
+import http.client, http.server, ssl, sys
+cert, key, upstream = sys.argv[1], sys.argv[2], int(sys.argv[3])
+class Proxy(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        up = http.client.HTTPConnection("127.0.0.1", upstream, timeout=10)
+        up.putrequest("POST", self.path, skip_host=True, skip_accept_encoding=True)
+        for k, v in self.headers.items():
+            if k.lower() not in ("connection", "content-length"):
+                up.putheader(k, v)
+        up.putheader("Content-Length", str(len(body)))
+        up.endheaders(body)
+        r = up.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("connection", "content-length", "transfer-encoding", "date", "server"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *args):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("listening on https://127.0.0.1:%d" % srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (install openssl and python3): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes `<name>-ca.pem` and, signed by it, a server certificate for IP 127.0.0.1.
+fn make_ca_and_server_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=kmsbastion test CA",
+            ])
+            .arg("-keyout")
+            .arg(p("ca.key"))
+            .arg("-out")
+            .arg(p("ca.pem")),
+    );
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(p("srv.key"))
+            .arg("-out")
+            .arg(p("srv.csr")),
+    );
+    std::fs::write(
+        p("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext");
+    run_ok(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(p("srv.csr"))
+            .arg("-CA")
+            .arg(p("ca.pem"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .arg("-extfile")
+            .arg(p("ext"))
+            .arg("-out")
+            .arg(p("srv.pem")),
+    );
+    (p("ca.pem"), p("srv.pem"), p("srv.key"))
+}
+
+/// The proxy process; killed by pid on drop.
+struct TlsProxy {
+    child: Child,
+    url: String,
+}
+
+impl TlsProxy {
+    fn start(dir: &Path, cert: &Path, key: &Path, upstream: &str) -> Self {
+        let script = dir.join("tls_proxy.py");
+        std::fs::write(&script, TLS_PROXY_PY).expect("write proxy");
+        let port = upstream.rsplit(':').next().expect("port");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(cert)
+            .arg(key)
+            .arg(port)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is needed for the HTTPS test");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next().and_then(Result::ok));
+            for _ in lines {}
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Some(line)) if line.starts_with("listening on https://") => Self {
+                url: line.trim_start_matches("listening on ").to_owned(),
+                child,
+            },
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("TLS proxy did not start: {other:?}");
+            }
+        }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn https_with_configured_ca_file() {
+    let (emu, plain) = emulator_with_secret();
+    drop(plain);
+    let (ca, cert, key) = make_ca_and_server_cert(emu.dir.path(), "good");
+    let (other_ca, _, _) = make_ca_and_server_cert(emu.dir.path(), "other");
+    let proxy = TlsProxy::start(emu.dir.path(), &cert, &key, &emu.url);
+
+    let https_settings = |extra: &str| {
+        let mut s = emu.settings(extra, AK_SECRET, None);
+        s.endpoint = Some(proxy.url.clone());
+        s
+    };
+    for sig in ["v3", "v1"] {
+        let c = KmsClient::from_settings(&https_settings(&format!(
+            "signature = \"{sig}\"\nca_file = {ca:?}"
+        )))
+        .expect("client");
+        let v = c
+            .get_secret_value("acs/ecs/web-01/root", SecretStage::Current)
+            .expect("GetSecretValue over HTTPS");
+        assert_eq!(
+            v.secret_data.expose(),
+            br#"{"UserName":"root","Password":"pw"}"#
+        );
+    }
+
+    // The system roots and an unrelated CA do not trust the test certificate: a TLS error,
+    // reported as such and not retried.
+    emu.reset_stats();
+    for extra in [String::new(), format!("ca_file = {other_ca:?}")] {
+        let c = KmsClient::from_settings(&https_settings(&extra)).expect("client");
+        let started = Instant::now();
+        let e = c
+            .get_secret_value("acs/ecs/web-01/root", SecretStage::Current)
+            .expect_err("untrusted certificate");
+        eprintln!("untrusted certificate: {e}");
+        assert_eq!(e.kind, KmsErrorKind::Transport, "{extra}: {e}");
+        assert!(!e.is_retryable());
+        assert!(e.message.contains("ca_file"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2), "not retried");
+    }
+    assert_eq!(emu.calls("GetSecretValue"), 0, "nothing reached KMS");
 }

@@ -26,8 +26,10 @@ pub enum OnwardError {
     },
     /// The target rejected every version tried.
     Rejected { version_ids: Vec<String> },
-    /// ssh could not connect (or the host cannot be used); `reason` is for the engineer too.
-    Unreachable { reason: String },
+    /// ssh could not connect (or the host cannot be used). `reason` is the short text the
+    /// engineer sees (never an internal address: see `onward::short_connect_reason`);
+    /// `detail` is ssh's own line, for the jump host's log only.
+    Unreachable { reason: String, detail: String },
     /// The peer or its request is not acceptable.
     Refused(String),
     /// Our own failure (files, processes).
@@ -94,7 +96,7 @@ pub fn failure_for(err: &OnwardError, t: &Target) -> Failure {
         OnwardError::Rejected { .. } => Failure::CredentialRejected {
             host: t.host.clone(),
         },
-        OnwardError::Unreachable { reason } => Failure::Unreachable {
+        OnwardError::Unreachable { reason, .. } => Failure::Unreachable {
             host: t.host.clone(),
             reason: reason.clone(),
         },
@@ -129,7 +131,9 @@ pub fn log_detail(err: &OnwardError) -> String {
                 version_ids.join(", ")
             )
         }
-        OnwardError::Unreachable { reason } => format!("onward connection failed: {reason}"),
+        OnwardError::Unreachable { reason, detail } => {
+            format!("onward connection failed: {reason} ({detail})")
+        }
         OnwardError::Refused(why) => format!("request refused: {why}"),
         OnwardError::Internal(why) => format!("internal error: {why}"),
     }
@@ -225,9 +229,10 @@ mod tests {
             ),
             (
                 OnwardError::Unreachable {
-                    reason: "Connection refused".into(),
+                    reason: "connection refused".into(),
+                    detail: "ssh: connect to host 10.1.2.3 port 22: Connection refused".into(),
                 },
-                "cannot connect to web-01: Connection refused",
+                "cannot connect to web-01: connection refused",
             ),
         ];
         for (err, line) in cases {
@@ -251,5 +256,12 @@ mod tests {
             pinned: vec!["SHA256:old".into()],
         });
         assert!(d.contains("SHA256:new") && d.contains("SHA256:old"), "{d}");
+        // The engineer gets the short reason; the log keeps ssh's own line (with the address).
+        let err = OnwardError::Unreachable {
+            reason: "timed out".into(),
+            detail: "ssh: connect to host 10.1.2.3 port 22: Connection timed out".into(),
+        };
+        assert!(log_detail(&err).contains("10.1.2.3"));
+        assert!(!failure_for(&err, &t()).message().contains("10.1.2.3"));
     }
 }

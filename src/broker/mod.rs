@@ -17,13 +17,18 @@
 //!
 //! 1. As root: loads the config; looks up `bastion.service_user` (getpwnam) and the engineer's
 //!    uid (config); opens the audit file; builds the KMS client (so a root-only credentials
-//!    file can be read); creates `runtime_dir/s-<random>/` (0711, owned by the service user)
-//!    with the socket `connect.sock` (owned by the engineer's uid, mode 0600: only that uid
-//!    can connect) and the private directory `p/` (0700, service user).
+//!    file can be read). `runtime_dir` must be root-owned and writable by root only (else it
+//!    refuses to start: root must never work where another user can swap in a symlink). In it,
+//!    through directory descriptors (`mkdirat`, `O_NOFOLLOW`, `fchown`/`fchmod`): `s-<random>/`
+//!    (root, 0711), its private directory `p/` (0700, service user) and the socket
+//!    `connect.sock` (bound under umask 0177, then `fchownat(AT_SYMLINK_NOFOLLOW)` to the
+//!    engineer's uid, mode 0600: only that uid can connect). The PAM module removes `s-*` (as
+//!    root) when the session closes.
 //! 2. Drops to the service user for good (`setgroups([])`, `setresgid`, `setresuid`, checks
 //!    that `setuid(0)` fails), then `PR_SET_DUMPABLE=0`, `PR_SET_NO_NEW_PRIVS`,
-//!    `RLIMIT_CORE=0`; memory is locked (`mlockall`, best effort, `RLIMIT_MEMLOCK` raised
-//!    while still root).
+//!    `RLIMIT_CORE=0`. Memory: `mlockall(MCL_CURRENT|MCL_ONFAULT)` while still root (no
+//!    `MCL_FUTURE`, RLIMIT_MEMLOCK untouched: idle logins must not lock memory without bound),
+//!    plus `mlock` of each fetched secret value (best effort); threads get small stacks.
 //! 3. Writes `ready <socket path>\n` to the ready fd (or `error <why>\n` and exits 1), which
 //!    the PAM module exports as `KMSBASTION_SOCKET`.
 //! 4. Serves until the lifetime pipe reaches EOF (sshd session over) or SIGTERM/SIGHUP/SIGINT;
@@ -31,12 +36,17 @@
 //!
 //! A connection is accepted only from a peer (SO_PEERCRED) with the engineer's uid whose
 //! process ancestry (`/proc/PID/stat`) includes `--sshd-pid`. Each connection is one request
-//! (see `session`), served on its own thread: `GetSecretValue(ACSCurrent)` of the login's
-//! host account secret (a request cannot name a target: the broker only ever serves its own
-//! `account@host`), parse and check `UserName`, run the onward ssh (see [`onward`]) on the
-//! descriptors handed over, retry once with ACSPrevious if the target rejected ACSCurrent, and
-//! answer `Exit{status}` or `Failed{code, line}` (see [`failure`]). Each request is audited
-//! (`connect-start`, `connect-end`).
+//! (see `session`), served on its own thread (at most [`MAX_CONCURRENT_REQUESTS`] at once).
+//! Every request first re-reads the configuration and re-evaluates the login's grant (source,
+//! time window, rule still present: client-side connection sharing can keep a login open
+//! long after its grant ended), and counts against [`RATE_LIMIT`] per [`RATE_WINDOW`]; a
+//! refusal answers the grant's engineer line (or the rate line) with exit status 79 and an
+//! audit `refused` event. Then `GetSecretValue(ACSCurrent)` of the login's host account
+//! secret (a request cannot name a target: the broker only ever serves its own
+//! `account@host`, as configured now), parse and check `UserName`, run the onward ssh (see
+//! [`onward`]) on the descriptors handed over, retry once with ACSPrevious if the target
+//! rejected ACSCurrent, and answer `Exit{status}` or `Failed{code, line}` (see [`failure`]).
+//! Each request is audited (`connect-start`, `connect-end`).
 //!
 //! # Exit status
 //!
@@ -62,25 +72,44 @@ pub mod onward;
 
 use crate::audit::{self, Audit, Event};
 use crate::config::{Config, Host, HostAccount};
+use crate::grant::{self, Decision};
 use crate::kms::{KmsClient, KmsErrorKind, SecretStage};
+use crate::login::LoginString;
 use crate::pam_session::{BrokerArgs, ReadyLine};
 use crate::secret::TargetSecret;
-use crate::session::{self, FrameReader, Message, Request, RequestKind, REQUEST_FDS};
+use crate::session::{self, FrameReader, Message, Request, RequestKind, EXIT_REFUSED, REQUEST_FDS};
 use failure::{failure_for, log_detail, OnwardError, Target};
-use onward::{Attempt, AttemptContext, ChildSlot};
-use std::ffi::CString;
+use onward::{spawn_with_stack, Attempt, AttemptContext, ChildSlot, SMALL_STACK};
+use std::collections::VecDeque;
+use std::ffi::{CStr, CString};
 use std::fs;
 use std::io::Write;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-/// At most this many onward connections at once per login.
-pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+/// At most this many onward connections at once per login (sshd's `MaxSessions` in the
+/// drop-in caps the channels of one client connection lower still).
+pub const MAX_CONCURRENT_REQUESTS: usize = 16;
+
+/// At most this many onward connections (each one a KMS fetch) per login within
+/// [`RATE_WINDOW`].
+pub const RATE_LIMIT: usize = 30;
+/// The window of [`RATE_LIMIT`].
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Stack of a request thread: the KMS call (request signing, JSON), secret parsing (PEM, RSA)
+/// and the onward ssh's bookkeeping. Far below the 2 MiB default, with a wide margin.
+pub const REQUEST_STACK: usize = 512 * 1024;
+
+/// Mode of `runtime_dir/s-*`: root-owned, traversable so the engineer can reach its socket.
+pub const SESSION_DIR_MODE: u32 = 0o711;
 
 /// How far up the process tree a peer's ancestry is followed.
 const MAX_ANCESTRY_DEPTH: usize = 64;
@@ -112,9 +141,104 @@ pub fn descends_from(pid: i32, ancestor: i32, ppid_of: impl Fn(i32) -> Option<i3
     false
 }
 
+/// A sliding-window limit: at most `max` admissions within any `window`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    max: usize,
+    window: Duration,
+    admitted: VecDeque<Instant>,
+}
+
+impl RateLimiter {
+    /// A limiter admitting `max` per `window`.
+    pub fn new(max: usize, window: Duration) -> Self {
+        Self {
+            max,
+            window,
+            admitted: VecDeque::new(),
+        }
+    }
+
+    /// Admit one at `now`, or say how long until the next admission is possible.
+    pub fn admit(&mut self, now: Instant) -> Result<(), Duration> {
+        while let Some(&t) = self.admitted.front() {
+            if now.saturating_duration_since(t) >= self.window {
+                self.admitted.pop_front();
+            } else {
+                break;
+            }
+        }
+        match self.admitted.front() {
+            Some(&oldest) if self.admitted.len() >= self.max => Err(self
+                .window
+                .saturating_sub(now.saturating_duration_since(oldest))),
+            _ if self.max == 0 => Err(self.window),
+            _ => {
+                self.admitted.push_back(now);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the configuration as it is NOW says about one more onward connection of a login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recheck {
+    /// Still granted; the host and account as configured now (address, pinned keys, secret).
+    Allow { host: Host, account: HostAccount },
+    /// No longer granted: `line` for the engineer, `reason` for the log.
+    Deny { line: String, reason: String },
+}
+
+/// Re-evaluate the grant of `login` from `source` at `now` (each request does: a client's
+/// connection sharing can keep a login open long after its grant ended or was removed).
+pub fn recheck(
+    cfg: &Config,
+    login: &LoginString,
+    source: Option<IpAddr>,
+    now: SystemTime,
+) -> Recheck {
+    match grant::evaluate(cfg, login, source, now) {
+        Decision::Allow { .. } => match cfg.account(&login.host, &login.account) {
+            Some((h, a)) => Recheck::Allow {
+                host: h.clone(),
+                account: a.clone(),
+            },
+            None => Recheck::Deny {
+                line: "login refused: you have no grant for this account@host".into(),
+                reason: "grant allows an account that is not in the inventory".into(),
+            },
+        },
+        Decision::Deny(reason) => Recheck::Deny {
+            line: reason.engineer_message().to_owned(),
+            reason: format!("grant re-checked for a new request: {reason}"),
+        },
+    }
+}
+
+/// Why `runtime_dir` (owner `uid`, `mode`) must not be used, if it must not: root follows
+/// paths inside it, so nobody but root may write to it.
+pub fn runtime_dir_problem(is_dir: bool, uid: u32, mode: u32) -> Option<String> {
+    if !is_dir {
+        Some("is not a directory".into())
+    } else if uid != 0 {
+        Some(format!("is owned by uid {uid}, not root"))
+    } else if mode & 0o022 != 0 {
+        Some(format!(
+            "is writable by group or others (mode {:04o})",
+            mode & 0o7777
+        ))
+    } else {
+        None
+    }
+}
+
 /// Everything a request needs, shared by the request threads.
 struct Broker {
     args: BrokerArgs,
+    /// The login this broker serves (re-checked against the configuration per request).
+    login: LoginString,
+    /// Host and account as configured at start (names for audit records).
     host: Host,
     account: HostAccount,
     engineer_uid: u32,
@@ -125,6 +249,7 @@ struct Broker {
     kms: KmsClient,
     audit: Audit,
     children: Mutex<Vec<Arc<ChildSlot>>>,
+    rate: Mutex<RateLimiter>,
 }
 
 /// The broker's entry point (argv without argv\[0\]); returns the exit status.
@@ -216,11 +341,6 @@ fn service_user(name: &str) -> Result<ServiceUser, String> {
     }
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .map_err(|e| format!("chown {}: {e}", path.display()))
-}
-
 fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), String> {
     // SAFETY: geteuid/umask have no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -229,6 +349,8 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
     // SAFETY: as above.
     unsafe { libc::umask(0o077) };
     let cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
+    let login = LoginString::new(&args.engineer, &args.account, &args.host)
+        .map_err(|e| format!("invalid login identity: {e}"))?;
     let engineer = cfg
         .engineer(&args.engineer)
         .ok_or_else(|| format!("unknown engineer {}", args.engineer))?;
@@ -244,50 +366,13 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
     let audit = Audit::open(cfg.audit.file.as_deref(), cfg.audit.syslog);
     let kms = KmsClient::from_settings(&cfg.kms).map_err(|e| format!("KMS client: {e}"))?;
 
-    // The runtime directory: root- or service-owned, not writable by anyone else.
-    let runtime = cfg.bastion.runtime_dir.clone();
-    if !runtime.exists() {
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .recursive(true)
-            .create(&runtime)
-            .map_err(|e| format!("creating {}: {e}", runtime.display()))?;
-        // Explicitly: the umask above would make it 0700, and engineers must traverse it.
-        fs::set_permissions(&runtime, fs::Permissions::from_mode(0o755))
-            .map_err(|e| format!("chmod {}: {e}", runtime.display()))?;
-    }
-    let md = fs::symlink_metadata(&runtime).map_err(|e| format!("{}: {e}", runtime.display()))?;
-    {
-        use std::os::unix::fs::MetadataExt;
-        if !md.is_dir() || (md.uid() != 0 && md.uid() != svc.uid) || md.mode() & 0o022 != 0 {
-            return Err(format!(
-                "{} must be a directory owned by root or {} and not writable by others",
-                runtime.display(),
-                cfg.bastion.service_user
-            ));
-        }
-    }
-    let session_dir = onward::private_dir(&runtime, "s-")
-        .map_err(|e| format!("creating a session directory: {e}"))?;
+    let (session_dir, listener, socket) =
+        session_directory(&cfg.bastion.runtime_dir, &svc, engineer_uid)?;
     let cleanup_err = |e: String| {
         let _ = fs::remove_dir_all(&session_dir);
         e
     };
-    fs::set_permissions(&session_dir, fs::Permissions::from_mode(0o711))
-        .map_err(|e| cleanup_err(format!("chmod: {e}")))?;
-    chown(&session_dir, svc.uid, svc.gid).map_err(cleanup_err)?;
     let private = session_dir.join("p");
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(|e| cleanup_err(format!("creating {}: {e}", private.display())))?;
-    chown(&private, svc.uid, svc.gid).map_err(cleanup_err)?;
-    let socket = session_dir.join("connect.sock");
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| cleanup_err(format!("binding {}: {e}", socket.display())))?;
-    chown(&socket, engineer_uid, svc.gid).map_err(cleanup_err)?;
-    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
-        .map_err(|e| cleanup_err(format!("chmod socket: {e}")))?;
 
     lock_memory();
     drop_privileges(&svc).map_err(cleanup_err)?;
@@ -296,6 +381,7 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
     let askpass_program = std::env::current_exe().unwrap_or_else(|_| cfg.bastion.broker.clone());
     let broker = Broker {
         args,
+        login,
         host,
         account,
         engineer_uid,
@@ -306,22 +392,183 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
         kms,
         audit,
         children: Mutex::new(Vec::new()),
+        rate: Mutex::new(RateLimiter::new(RATE_LIMIT, RATE_WINDOW)),
     };
     Ok((broker, listener, session_dir, socket))
 }
 
-/// Lock current and future memory (best effort): raise RLIMIT_MEMLOCK while still root so the
-/// locked future allocations of the unprivileged broker do not fail.
-fn lock_memory() {
-    // SAFETY: setrlimit/mlockall with valid arguments.
+fn c_path(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("NUL in {}", p.display()))
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// `openat(dir, name, O_DIRECTORY|O_NOFOLLOW)`: a directory, never through a symlink.
+fn open_dir_at(dir: Option<&OwnedFd>, name: &CStr) -> Result<OwnedFd, String> {
+    let base = dir.map_or(libc::AT_FDCWD, AsRawFd::as_raw_fd);
+    // SAFETY: openat with a valid descriptor (or AT_FDCWD) and a NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            base,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(os_err(&format!("opening {}", name.to_string_lossy())));
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fstat(fd: &OwnedFd) -> Result<libc::stat, String> {
+    // SAFETY: fstat into a zeroed stat we own.
     unsafe {
-        let inf = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) == 0 {
-            libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE);
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+            return Err(os_err("fstat"));
         }
+        Ok(st)
+    }
+}
+
+/// Set owner and mode through the descriptor (no path, so no symlink can redirect it).
+fn fchown_fchmod(fd: &OwnedFd, uid: u32, gid: u32, mode: u32) -> Result<(), String> {
+    // SAFETY: fchown/fchmod on a descriptor we own.
+    unsafe {
+        if libc::fchown(fd.as_raw_fd(), uid, gid) != 0 {
+            return Err(os_err("fchown"));
+        }
+        if libc::fchmod(fd.as_raw_fd(), mode) != 0 {
+            return Err(os_err("fchmod"));
+        }
+    }
+    Ok(())
+}
+
+/// Create, as root, this login's directory and socket:
+///
+/// * `runtime_dir` must be a root-owned directory nobody else can write (created 0711 when
+///   missing); anything else is refused, because root works inside it.
+/// * `runtime_dir/s-<random>/` (root, 0711): nobody but root can add, remove or replace
+///   anything in it, so the names below cannot be swapped for symlinks.
+/// * `…/p/` (service user, 0700): the broker's private working directory (made with
+///   `mkdirat` and set up through its descriptor).
+/// * `…/connect.sock`: created 0600 (umask 0177 around `bind`), then given to the engineer's
+///   uid with `fchownat(…, AT_SYMLINK_NOFOLLOW)` inside the root-only directory.
+///
+/// The unprivileged broker cannot remove `s-*` later; the PAM module (root) does at session
+/// close.
+fn session_directory(
+    runtime: &Path,
+    svc: &ServiceUser,
+    engineer_uid: u32,
+) -> Result<(PathBuf, UnixListener, PathBuf), String> {
+    if !runtime.exists() {
+        fs::DirBuilder::new()
+            .mode(0o711)
+            .recursive(true)
+            .create(runtime)
+            .map_err(|e| format!("creating {}: {e}", runtime.display()))?;
+        // Explicitly: the umask would make it 0700, and engineers must traverse it.
+        fs::set_permissions(runtime, fs::Permissions::from_mode(0o711))
+            .map_err(|e| format!("chmod {}: {e}", runtime.display()))?;
+    }
+    let rt = open_dir_at(None, &c_path(runtime)?).map_err(|e| {
+        format!(
+            "{}: {e} (it must be a directory, not a symlink)",
+            runtime.display()
+        )
+    })?;
+    let st = fstat(&rt)?;
+    if let Some(problem) = runtime_dir_problem(
+        st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+        st.st_uid,
+        st.st_mode,
+    ) {
+        return Err(format!(
+            "runtime directory {} {problem}; it must be root-owned and writable only by root \
+             (root:root 0711; see /usr/lib/tmpfiles.d/kmsbastion.conf)",
+            runtime.display()
+        ));
+    }
+    let mut made = None;
+    for _ in 0..8 {
+        let name = format!("s-{:016x}", rand::random::<u64>());
+        let c = CString::new(name.as_bytes()).map_err(|_| "NUL in a name")?;
+        // SAFETY: mkdirat with a directory descriptor we own and a NUL-terminated name.
+        if unsafe { libc::mkdirat(rt.as_raw_fd(), c.as_ptr(), 0o700) } == 0 {
+            made = Some((name, c));
+            break;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(os_err(&format!(
+                "creating a session directory in {}",
+                runtime.display()
+            )));
+        }
+    }
+    let (name, c_name) = made.ok_or("could not create a unique session directory")?;
+    let session_dir = runtime.join(&name);
+    let fail = |e: String| {
+        let _ = fs::remove_dir_all(&session_dir);
+        e
+    };
+    let sd = open_dir_at(Some(&rt), &c_name).map_err(fail)?;
+    fchown_fchmod(&sd, 0, 0, SESSION_DIR_MODE).map_err(fail)?;
+
+    // SAFETY: mkdirat in the session directory we just made (root-only).
+    if unsafe { libc::mkdirat(sd.as_raw_fd(), c"p".as_ptr(), 0o700) } != 0 {
+        return Err(fail(os_err("creating the private directory")));
+    }
+    let pd = open_dir_at(Some(&sd), c"p").map_err(fail)?;
+    fchown_fchmod(&pd, svc.uid, svc.gid, 0o700).map_err(fail)?;
+    drop(pd);
+
+    let socket = session_dir.join("connect.sock");
+    // SAFETY: umask has no preconditions. None of the broker's threads exists yet (and no
+    // other thread creates files).
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(&socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| fail(format!("binding {}: {e}", socket.display())))?;
+    // SAFETY: fchownat in the root-only session directory, never following a symlink.
+    let rc = unsafe {
+        libc::fchownat(
+            sd.as_raw_fd(),
+            c"connect.sock".as_ptr(),
+            engineer_uid,
+            svc.gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(fail(os_err("giving the socket to the engineer")));
+    }
+    Ok((session_dir, listener, socket))
+}
+
+/// Lock the memory mapped so far as it is touched (best effort, while still root so the
+/// RLIMIT_MEMLOCK of the service user does not apply to it). Deliberately not `MCL_FUTURE`:
+/// every later thread stack and heap growth would be locked too, and hundreds of idle logins
+/// could lock gigabytes. The pages that hold a fetched secret are locked one by one instead
+/// (see [`lock_secret_pages`]).
+fn lock_memory() {
+    // SAFETY: mlockall with valid flags; failure is harmless.
+    unsafe {
+        libc::mlockall(libc::MCL_CURRENT | libc::MCL_ONFAULT);
+    }
+}
+
+/// Keep the pages of `bytes` out of swap (best effort: within the service user's
+/// RLIMIT_MEMLOCK; failure is ignored).
+fn lock_secret_pages(bytes: &[u8]) {
+    if !bytes.is_empty() {
+        // SAFETY: mlock of memory we hold a reference to; it only pins pages.
+        unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) };
     }
 }
 
@@ -433,10 +680,15 @@ fn serve(broker: &Arc<Broker>, listener: &UnixListener, lifetime: &OwnedFd) {
             let b = Arc::clone(broker);
             let a = Arc::clone(&active);
             a.fetch_add(1, Ordering::AcqRel);
-            std::thread::spawn(move || {
+            let spawned = spawn_with_stack(REQUEST_STACK, move || {
                 handle_connection(&b, stream);
                 a.fetch_sub(1, Ordering::AcqRel);
             });
+            if let Err(e) = spawned {
+                // The closure (and the stream in it) is gone: connect sees EOF.
+                active.fetch_sub(1, Ordering::AcqRel);
+                audit::send_syslog(3, &format!("broker: cannot start a request thread: {e}"));
+            }
         }
     }
 }
@@ -473,11 +725,11 @@ fn shutdown(broker: &Broker) {
 }
 
 impl Broker {
-    fn target(&self) -> Target {
+    fn target(&self, account: &HostAccount) -> Target {
         Target {
-            account: self.account.name.clone(),
+            account: account.name.clone(),
             host: self.host.name.clone(),
-            secret: self.account.secret.clone(),
+            secret: account.secret.clone(),
         }
     }
 
@@ -493,11 +745,53 @@ impl Broker {
     }
 
     fn refuse(&self, stream: &UnixStream, why: &str) {
+        self.refuse_with(stream, why, session::Failure::Refused.to_message());
+    }
+
+    /// Refuse with an audit `refused` event (reason `why`) and `reply` to connect.
+    fn refuse_with(&self, stream: &UnixStream, why: &str, reply: Message) {
         let mut e = self.event("refused");
         e.result = Some("refused".into());
         e.reason = Some(why.to_owned());
         self.audit.emit(&e);
-        let _ = session::send(stream, &session::Failure::Refused.to_message(), &[]);
+        let _ = session::send(stream, &reply, &[]);
+    }
+
+    /// The grant and the rate limit, checked for each request. `Ok`: the host and account as
+    /// configured now.
+    fn admit(&self) -> Result<(Host, HostAccount), (String, Message)> {
+        let refused = |line: String| Message::Failed {
+            code: EXIT_REFUSED,
+            message: line,
+        };
+        let cfg = Config::load(&self.args.config).map_err(|e| {
+            (
+                format!("cannot re-read the configuration: {e}"),
+                session::Failure::Internal.to_message(),
+            )
+        })?;
+        let (host, account) = match recheck(&cfg, &self.login, self.args.source, SystemTime::now())
+        {
+            Recheck::Allow { host, account } => (host, account),
+            Recheck::Deny { line, reason } => return Err((reason, refused(line))),
+        };
+        let mut rate = self.rate.lock().map_err(|_| {
+            (
+                "rate limiter poisoned".to_owned(),
+                refused("request refused".into()),
+            )
+        })?;
+        if let Err(wait) = rate.admit(Instant::now()) {
+            let secs = wait.as_secs().max(1);
+            return Err((
+                format!("rate limit: more than {RATE_LIMIT} connections in {}s", RATE_WINDOW.as_secs()),
+                refused(format!(
+                    "too many connections to {}@{} (at most {RATE_LIMIT} a minute); try again in {secs} s",
+                    self.login.account, self.login.host
+                )),
+            ));
+        }
+        Ok((host, account))
     }
 }
 
@@ -554,6 +848,13 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
         broker.refuse(&writer, "only the sftp subsystem is served");
         return;
     }
+    let (host, account) = match broker.admit() {
+        Ok(v) => v,
+        Err((why, reply)) => {
+            broker.refuse_with(&writer, &why, reply);
+            return;
+        }
+    };
 
     let slot = Arc::new(ChildSlot::default());
     if let Ok(mut c) = broker.children.lock() {
@@ -561,7 +862,7 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
     }
     // Control messages from connect while the request runs.
     let ctl_slot = Arc::clone(&slot);
-    let control = std::thread::spawn(move || loop {
+    let control = spawn_with_stack(SMALL_STACK, move || loop {
         match reader.recv() {
             Ok(Some(rx)) => match rx.message {
                 Message::WindowChanged => ctl_slot.signal(libc::SIGWINCH),
@@ -580,14 +881,28 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
         }
     });
 
+    let control = match control {
+        Ok(c) => c,
+        Err(e) => {
+            if let Ok(mut c) = broker.children.lock() {
+                c.retain(|s| !Arc::ptr_eq(s, &slot));
+            }
+            audit::send_syslog(3, &format!("broker: cannot start a control thread: {e}"));
+            let _ = session::send(&writer, &session::Failure::Internal.to_message(), &[]);
+            return;
+        }
+    };
+
     let started = Instant::now();
     let mut start = broker.event("connect-start");
+    start.secret = Some(account.secret.clone());
     start.kind = Some(request.kind.as_str().into());
     broker.audit.emit(&start);
 
     let mut end = broker.event("connect-end");
     end.kind = Some(request.kind.as_str().into());
-    let outcome = onward_connection(broker, &request, &fds, &slot, &mut end);
+    end.secret = Some(account.secret.clone());
+    let outcome = onward_connection(broker, &host, &account, &request, &fds, &slot, &mut end);
     // The engineer's descriptors must be closed before connect exits, or sshd waits for EOF.
     drop(fds);
     end.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
@@ -598,7 +913,7 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
             Message::Exit { status }
         }
         Err(err) => {
-            let f = failure_for(&err, &broker.target());
+            let f = failure_for(&err, &broker.target(&account));
             let detail = log_detail(&err);
             audit::send_syslog(
                 4,
@@ -624,15 +939,18 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
 /// Fetch, check, connect; retry once with ACSPrevious on a rejected credential.
 fn onward_connection(
     broker: &Broker,
+    host: &Host,
+    account: &HostAccount,
     request: &Request,
     fds: &[OwnedFd; 3],
     slot: &ChildSlot,
     end: &mut Event,
 ) -> Result<u8, OnwardError> {
-    if broker.host.host_keys.is_empty() {
+    if host.host_keys.is_empty() {
         return Err(OnwardError::Unreachable {
             reason: "no pinned host key is configured for it; ask your bastion administrator"
                 .into(),
+            detail: "the host has no host_keys in the configuration".into(),
         });
     }
     let mut tried: Vec<String> = Vec::new();
@@ -640,7 +958,7 @@ fn onward_connection(
         if slot.cancelled.load(Ordering::Acquire) {
             return Err(OnwardError::Refused("hung up".into()));
         }
-        let value = match broker.kms.get_secret_value(&broker.account.secret, stage) {
+        let value = match broker.kms.get_secret_value(&account.secret, stage) {
             Ok(v) => v,
             Err(error) => {
                 if stage == SecretStage::Previous {
@@ -662,10 +980,11 @@ fn onward_connection(
         if tried.contains(&value.version_id) {
             break;
         }
+        lock_secret_pages(value.secret_data.expose());
         tried.push(value.version_id.clone());
         end.version_ids = tried.clone();
         let secret = TargetSecret::parse(value.secret_data.expose())
-            .and_then(|s| s.ensure_user(&broker.account.name).map(|()| s))
+            .and_then(|s| s.ensure_user(&account.name).map(|()| s))
             .map_err(|error| OnwardError::Secret {
                 error,
                 version_id: value.version_id.clone(),
@@ -678,11 +997,11 @@ fn onward_connection(
             ssh: &broker.ssh,
             askpass_program: &broker.askpass_program,
             dir: &dir,
-            alias: &broker.host.name,
-            address: &broker.host.address,
-            port: broker.host.port,
-            account: &broker.account.name,
-            host_keys: &broker.host.host_keys,
+            alias: &host.name,
+            address: &host.address,
+            port: host.port,
+            account: &account.name,
+            host_keys: &host.host_keys,
             connect_timeout_s: broker.connect_timeout_s,
             request,
             fds,
@@ -701,8 +1020,8 @@ fn onward_connection(
                     5,
                     &format!(
                         "{}@{} rejected {} version {}",
-                        broker.account.name,
-                        broker.host.name,
+                        account.name,
+                        host.name,
                         stage.as_str(),
                         tried.last().map(String::as_str).unwrap_or("?")
                     ),
@@ -752,6 +1071,122 @@ mod tests {
         mk(41, 42, "a");
         mk(42, 41, "b");
         assert!(!descends_from(41, 500, ppid));
+    }
+
+    #[test]
+    fn rate_limit_is_a_sliding_window() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(3, Duration::from_secs(60));
+        for i in 0..3 {
+            assert!(r.admit(t0 + Duration::from_secs(i)).is_ok());
+        }
+        // The 4th within the minute waits until the oldest leaves the window.
+        assert_eq!(
+            r.admit(t0 + Duration::from_secs(10)),
+            Err(Duration::from_secs(50))
+        );
+        assert!(r.admit(t0 + Duration::from_secs(59)).is_err());
+        assert!(r.admit(t0 + Duration::from_secs(60)).is_ok());
+        assert!(r.admit(t0 + Duration::from_secs(60)).is_err());
+        assert!(r.admit(t0 + Duration::from_secs(62)).is_ok());
+        // Refusals do not count.
+        let mut r = RateLimiter::new(1, Duration::from_secs(60));
+        assert!(r.admit(t0).is_ok());
+        for s in 1..30 {
+            assert!(r.admit(t0 + Duration::from_secs(s)).is_err());
+        }
+        assert!(r.admit(t0 + Duration::from_secs(60)).is_ok());
+        assert!(RateLimiter::new(0, Duration::from_secs(1))
+            .admit(t0)
+            .is_err());
+        assert_eq!(RATE_LIMIT, 30);
+        assert_eq!(RATE_WINDOW, Duration::from_secs(60));
+    }
+
+    const CONFIG: &str = r#"
+[kms]
+endpoint = "http://127.0.0.1:9100"
+
+[bastion]
+
+[[host]]
+name = "web-01"
+address = "127.0.0.2"
+host_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"]
+  [[host.account]]
+  name = "root"
+  secret = "acs/ecs/web-01/root"
+
+[[engineer]]
+name = "alice"
+uid = 64001
+keys = []
+
+[[grant]]
+engineers = ["alice"]
+accounts = ["root@web-01"]
+from = ["127.0.0.0/8"]
+not_after = "2030-01-01T00:00:00Z"
+"#;
+
+    #[test]
+    fn every_request_rechecks_the_grant() {
+        use std::time::UNIX_EPOCH;
+        let origin = Path::new("/etc/kmsbastion/kmsbastion.toml");
+        let cfg = Config::parse(CONFIG, origin).unwrap();
+        let login = LoginString::new("alice", "root", "web-01").unwrap();
+        let lo = Some("127.0.0.1".parse().unwrap());
+        let before = UNIX_EPOCH + Duration::from_secs(1_795_980_600); // 2026-11-29
+        let after = UNIX_EPOCH + Duration::from_secs(1_900_000_000); // 2030-03
+        match recheck(&cfg, &login, lo, before) {
+            Recheck::Allow { host, account } => {
+                assert_eq!(host.address, "127.0.0.2");
+                assert_eq!(account.secret, "acs/ecs/web-01/root");
+            }
+            other => panic!("{other:?}"),
+        }
+        match recheck(&cfg, &login, lo, after) {
+            Recheck::Deny { line, reason } => {
+                assert_eq!(
+                    line,
+                    "login refused: your grant for this account@host has expired"
+                );
+                assert!(reason.contains("not_after"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The grant removed from the configuration.
+        let no_grant = CONFIG.split("[[grant]]").next().unwrap();
+        let cfg = Config::parse(no_grant, origin).unwrap();
+        match recheck(&cfg, &login, lo, before) {
+            Recheck::Deny { line, .. } => assert_eq!(
+                line,
+                "login refused: you have no grant for this account@host"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // The host's address changed: the next connection goes to the new one.
+        let moved = CONFIG.replace("127.0.0.2", "127.0.0.9");
+        let cfg = Config::parse(&moved, origin).unwrap();
+        assert!(matches!(
+            recheck(&cfg, &login, lo, before),
+            Recheck::Allow { host, .. } if host.address == "127.0.0.9"
+        ));
+    }
+
+    #[test]
+    fn runtime_dir_must_be_root_only() {
+        assert_eq!(runtime_dir_problem(true, 0, 0o40711), None);
+        assert_eq!(runtime_dir_problem(true, 0, 0o40755), None);
+        assert_eq!(runtime_dir_problem(true, 0, 0o40700), None);
+        assert!(runtime_dir_problem(true, 999, 0o40711)
+            .unwrap()
+            .contains("not root"));
+        assert!(runtime_dir_problem(true, 0, 0o40775)
+            .unwrap()
+            .contains("writable"));
+        assert!(runtime_dir_problem(true, 0, 0o41777).is_some());
+        assert!(runtime_dir_problem(false, 0, 0o100644).is_some());
     }
 
     #[test]

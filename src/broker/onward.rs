@@ -191,53 +191,135 @@ pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
 }
 
 /// What one line of ssh's log means.
+///
+/// Only ssh's own line formats count, matched from the start of the line (OpenSSH 9:
+/// `sshconnect2.c`, `sshconnect.c`, `packet.c`, `kex.c`). Text the target controls reaches the
+/// log too, chiefly its disconnect message (`Received disconnect from …: <server text>`, where
+/// ssh escapes control characters but not newlines): that line and everything after it is
+/// ignored, so a target cannot steer the classification with what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEvent {
+    /// `Authenticated to <host> ([<addr>]:<port>) using "<method>".`
     Authenticated,
+    /// `<account>@<address>: Permission denied (<methods>).`
     PermissionDenied,
+    /// One of ssh's host key verification failures.
     HostKeyFailure,
-    /// `SHA256:…` of the key the target presented (ssh prints it on a mismatch).
-    PresentedFingerprint(String),
-    /// A connection-level error worth showing the engineer.
-    ConnectError(String),
+    /// `The fingerprint for the <type> key sent by the remote host is`: the next line is the
+    /// fingerprint.
+    FingerprintFollows,
+    /// A line that is only a fingerprint (`SHA256:….`); meaningful right after
+    /// [`LogEvent::FingerprintFollows`].
+    Fingerprint(String),
+    /// ssh could not connect; the short reason the engineer may see.
+    ConnectError(&'static str),
+    /// `Received disconnect from …`: the target's own text follows; stop classifying.
+    ServerDisconnect,
     Other,
 }
 
-/// Classify one log line of `ssh -o LogLevel=VERBOSE`.
-pub fn classify_log_line(line: &str) -> LogEvent {
-    let l = line.trim_end_matches(['\r', '\n']).trim();
-    if l.starts_with("Authenticated to ") {
+/// Strip the `ssh: ` prefixes ssh may put in front of a line (its program name, and the
+/// literal `ssh: ` of some of its messages).
+fn strip_progname(mut l: &str) -> &str {
+    while let Some(rest) = l.strip_prefix("ssh: ") {
+        l = rest;
+    }
+    l
+}
+
+/// The short reason for one of ssh's connection failures: what the engineer sees (never the
+/// target's address, which only the jump host's log gets). `None`: not a connection failure.
+pub fn short_connect_reason(line: &str) -> Option<&'static str> {
+    let l = strip_progname(line.trim_end_matches(['\r', '\n']).trim());
+    if let Some(rest) = l.strip_prefix("connect to host ") {
+        // `connect to host <host> port <port>: <strerror>`
+        let why = rest.rsplit_once(": ").map_or("", |(_, w)| w);
+        return Some(match why {
+            "Connection refused" => "connection refused",
+            "Connection timed out" => "timed out",
+            "No route to host" => "no route to host",
+            "Network is unreachable" => "network unreachable",
+            _ => "connection failed",
+        });
+    }
+    if l.starts_with("Could not resolve hostname ") {
+        return Some("its address does not resolve");
+    }
+    if let Some(rest) = l.strip_prefix("kex_exchange_identification: ") {
+        return Some(match rest {
+            "Connection closed by remote host" => "connection closed by the target",
+            "read: Connection reset by peer" => "connection reset by the target",
+            _ => "connection failed",
+        });
+    }
+    if l == "Connection timed out during banner exchange"
+        || (l.starts_with("Connection to ") && l.ends_with(" timed out"))
+    {
+        return Some("timed out");
+    }
+    if l.starts_with("Connection closed by ") {
+        return Some("connection closed by the target");
+    }
+    if l.starts_with("Connection reset by ") {
+        return Some("connection reset by the target");
+    }
+    if l.starts_with("Unable to negotiate with ") {
+        return Some("no algorithms in common with the target");
+    }
+    if l.starts_with("banner exchange: ") {
+        return Some("connection failed");
+    }
+    None
+}
+
+fn is_fingerprint_line(l: &str) -> Option<&str> {
+    let fp = l.strip_suffix('.')?;
+    let b64 = fp.strip_prefix("SHA256:")?;
+    (!b64.is_empty()
+        && b64
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'='))
+    .then_some(fp)
+}
+
+/// Classify one log line of `ssh -o LogLevel=VERBOSE` whose `Permission denied` line starts
+/// with `denied_prefix` (`<account>@<address>: Permission denied (`).
+pub fn classify_log_line(line: &str, denied_prefix: &str) -> LogEvent {
+    let l = strip_progname(line.trim_end_matches(['\r', '\n']));
+    if l.starts_with("Received disconnect from ") {
+        LogEvent::ServerDisconnect
+    } else if l.starts_with("Authenticated to ") {
         LogEvent::Authenticated
-    } else if l.contains("Permission denied") || l.contains("Too many authentication failures") {
+    } else if !denied_prefix.is_empty() && l.starts_with(denied_prefix) {
         LogEvent::PermissionDenied
-    } else if l.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
-        || l.contains("Host key verification failed")
-        || (l.contains("host key is known for") && l.contains("strict checking"))
+    } else if l == "Host key verification failed."
+        || l == "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @"
+        || l == "Exiting, you have requested strict checking."
+        || (l.starts_with("Host key for ")
+            && l.ends_with(" has changed and you have requested strict checking."))
+        || (l.starts_with("No ")
+            && l.contains(" host key is known for ")
+            && l.ends_with(" and you have requested strict checking."))
     {
         LogEvent::HostKeyFailure
-    } else if let Some(fp) = l
-        .split_ascii_whitespace()
-        .find(|w| w.starts_with("SHA256:"))
+    } else if l.starts_with("The fingerprint for the ")
+        && l.ends_with(" key sent by the remote host is")
     {
-        if l.starts_with("SHA256:") || l.contains("key sent by the remote host") {
-            LogEvent::PresentedFingerprint(fp.trim_end_matches('.').to_owned())
-        } else {
-            LogEvent::Other
-        }
-    } else if l.contains("Connection refused")
-        || l.contains("Connection timed out")
-        || l.contains("Could not resolve hostname")
-        || l.contains("No route to host")
-        || l.contains("Network is unreachable")
-        || l.starts_with("Connection closed by")
-        || l.starts_with("Connection reset by")
-        || l.contains("kex_exchange_identification")
-        || l.starts_with("Unable to negotiate")
-    {
-        LogEvent::ConnectError(l.trim_start_matches("ssh: ").to_owned())
+        LogEvent::FingerprintFollows
+    } else if let Some(fp) = is_fingerprint_line(l) {
+        LogEvent::Fingerprint(fp.to_owned())
+    } else if let Some(reason) = short_connect_reason(l) {
+        LogEvent::ConnectError(reason)
     } else {
         LogEvent::Other
     }
+}
+
+/// A connection failure: the engineer's short reason and ssh's own line for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    pub reason: &'static str,
+    pub line: String,
 }
 
 /// What the log said by the time ssh ended.
@@ -247,13 +329,40 @@ pub struct LogSummary {
     pub denied: bool,
     pub host_key_failed: bool,
     pub presented: Option<String>,
-    pub connect_error: Option<String>,
+    pub connect_error: Option<ConnectFailure>,
+    /// The target sent a disconnect: nothing after it is classified.
+    pub server_disconnected: bool,
+    denied_prefix: String,
+    fingerprint_next: bool,
 }
 
 impl LogSummary {
+    /// A summary for an ssh run that logs in as `account` to `address` (the destination as
+    /// given on ssh's command line, which its `Permission denied` line names).
+    pub fn new(account: &str, address: &str) -> Self {
+        Self {
+            denied_prefix: format!("{account}@{address}: Permission denied ("),
+            ..Self::default()
+        }
+    }
+
     /// Fold one line in; returns true when authentication is decided (either way).
     pub fn absorb(&mut self, line: &str) -> bool {
-        match classify_log_line(line) {
+        if self.server_disconnected {
+            return false;
+        }
+        let fingerprint_next = std::mem::take(&mut self.fingerprint_next);
+        match classify_log_line(line, &self.denied_prefix) {
+            LogEvent::ServerDisconnect => {
+                self.server_disconnected = true;
+                if !self.authenticated && self.connect_error.is_none() {
+                    self.connect_error = Some(ConnectFailure {
+                        reason: "connection closed by the target",
+                        line: line.trim_end().to_owned(),
+                    });
+                }
+                false
+            }
             LogEvent::Authenticated => {
                 self.authenticated = true;
                 true
@@ -266,21 +375,45 @@ impl LogSummary {
                 self.host_key_failed = true;
                 true
             }
-            LogEvent::PresentedFingerprint(fp) => {
-                if !self.authenticated {
+            LogEvent::FingerprintFollows => {
+                self.fingerprint_next = true;
+                false
+            }
+            LogEvent::Fingerprint(fp) => {
+                if fingerprint_next && !self.authenticated {
                     self.presented = Some(fp);
                 }
                 false
             }
-            LogEvent::ConnectError(e) => {
+            LogEvent::ConnectError(reason) => {
                 if !self.authenticated {
-                    self.connect_error = Some(e);
+                    self.connect_error = Some(ConnectFailure {
+                        reason,
+                        line: line.trim_end().to_owned(),
+                    });
                 }
                 false
             }
             LogEvent::Other => false,
         }
     }
+}
+
+/// Stack of the thread that serves the in-memory agent (RSA signing).
+pub const AGENT_STACK: usize = 256 * 1024;
+/// Stack of the thread that answers askpass.
+pub const ASKPASS_STACK: usize = 128 * 1024;
+/// Stack of the small helper threads (ssh log reader, control messages).
+pub const SMALL_STACK: usize = 64 * 1024;
+
+/// `std::thread::spawn` with an explicit (small) stack: the broker's threads are many and
+/// short-lived, and none of them needs the 2 MiB default.
+pub fn spawn_with_stack<F, T>(stack: usize, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new().stack_size(stack).spawn(f)
 }
 
 /// The result of one attempt.
@@ -393,12 +526,16 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 Err(e) => return internal("agent socket", e),
             };
             let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&stop));
-            let t = std::thread::spawn(move || {
+            let t = spawn_with_stack(AGENT_STACK, move || {
                 let accept = |peer: libc::pid_t| is_child_of(peer, &pid);
                 let r = agent::serve_listener(&listener, key, accept, &stop2);
                 drop(listener);
                 r.map(|s| s.signatures_made > 0).unwrap_or(false)
             });
+            let t = match t {
+                Ok(t) => t,
+                Err(e) => return internal("agent thread", e),
+            };
             (
                 AuthOptions::Key {
                     agent: agent_path,
@@ -414,9 +551,13 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 Err(e) => return internal("askpass socket", e),
             };
             let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&stop));
-            let t = std::thread::spawn(move || {
+            let t = spawn_with_stack(ASKPASS_STACK, move || {
                 super::askpass::serve(&listener, password, &pid, &stop2)
             });
+            let t = match t {
+                Ok(t) => t,
+                Err(e) => return internal("askpass thread", e),
+            };
             (AuthOptions::Password, t)
         }
     };
@@ -470,12 +611,17 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
             .stdout(Stdio::from(o))
             .stderr(Stdio::from(e));
     }
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, sigemptyset,
-    // sigprocmask, signal). If the broker thread waiting for this ssh dies, the kernel kills
-    // ssh (no onward session outlives its broker); and ssh must not inherit the broker's
-    // blocked SIGHUP/SIGTERM/SIGINT or ignored SIGPIPE, or a hangup would not end it.
+    // The broker's pid, for the child to check that it was not orphaned before the
+    // parent-death signal was armed.
+    let broker_pid = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit,
+    // sigemptyset, sigprocmask, signal). If the broker thread waiting for this ssh dies, the
+    // kernel kills ssh (no onward session outlives its broker); if the broker died before
+    // PR_SET_PDEATHSIG took effect, the child sees a different parent and exits. And ssh must
+    // not inherit the broker's blocked SIGHUP/SIGTERM/SIGINT or ignored SIGPIPE, or a hangup
+    // would not end it.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -483,6 +629,9 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 0,
                 0,
             );
+            if libc::getppid() != broker_pid {
+                libc::_exit(1);
+            }
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -492,9 +641,9 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     }
 
     // Start the log reader before ssh so nothing blocks on a full FIFO.
-    let summary = Arc::new(Mutex::new(LogSummary::default()));
+    let summary = Arc::new(Mutex::new(LogSummary::new(cx.account, cx.address)));
     let (sum2, stop3) = (Arc::clone(&summary), Arc::clone(&stop));
-    let reader = std::thread::spawn(move || {
+    let reader = spawn_with_stack(SMALL_STACK, move || {
         let mut r = BufReader::new(log_r);
         let mut line = Vec::new();
         loop {
@@ -512,6 +661,15 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
             }
         }
     });
+
+    let reader = match reader {
+        Ok(r) => r,
+        Err(e) => {
+            finish_cred(&stop);
+            let _ = cred_thread.join();
+            return internal("log reader thread", e);
+        }
+    };
 
     let started = {
         let mut guard = match cx.slot.pid.lock() {
@@ -599,10 +757,16 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     } else if summary.denied {
         Attempt::Rejected
     } else {
+        let (reason, detail) = match summary.connect_error {
+            Some(c) => (c.reason, c.line),
+            None => (
+                "the connection ended before authentication",
+                format!("ssh ended with status {code} before authenticating"),
+            ),
+        };
         Attempt::Failed(OnwardError::Unreachable {
-            reason: summary
-                .connect_error
-                .unwrap_or_else(|| format!("ssh ended with status {code} before authenticating")),
+            reason: reason.to_owned(),
+            detail,
         })
     }
 }
@@ -797,17 +961,18 @@ mod tests {
 
     #[test]
     fn log_classification() {
+        let denied = "root@127.0.0.2: Permission denied (";
         let cases = [
             (
                 "Authenticated to web-01 ([127.0.0.2]:22) using \"publickey\".\r\n",
                 LogEvent::Authenticated,
             ),
             (
-                "root@127.0.0.2: Permission denied (publickey).",
+                "root@127.0.0.2: Permission denied (publickey).\r\n",
                 LogEvent::PermissionDenied,
             ),
             (
-                "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @",
+                "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\n",
                 LogEvent::HostKeyFailure,
             ),
             ("Host key verification failed.", LogEvent::HostKeyFailure),
@@ -816,24 +981,139 @@ mod tests {
                 LogEvent::HostKeyFailure,
             ),
             (
-                "SHA256:abcDEF.",
-                LogEvent::PresentedFingerprint("SHA256:abcDEF".into()),
+                "Host key for web-01 has changed and you have requested strict checking.",
+                LogEvent::HostKeyFailure,
+            ),
+            (
+                "The fingerprint for the ED25519 key sent by the remote host is",
+                LogEvent::FingerprintFollows,
+            ),
+            (
+                "SHA256:abcDEF+/x.",
+                LogEvent::Fingerprint("SHA256:abcDEF+/x".into()),
             ),
             (
                 "ssh: connect to host 127.0.0.2 port 22: Connection refused",
-                LogEvent::ConnectError(
-                    "connect to host 127.0.0.2 port 22: Connection refused".into(),
-                ),
+                LogEvent::ConnectError("connection refused"),
+            ),
+            (
+                "Received disconnect from 127.0.0.2 port 22:2: Too many authentication failures",
+                LogEvent::ServerDisconnect,
             ),
             ("Server host key: ssh-ed25519 SHA256:xyz", LogEvent::Other),
             ("Transferred: sent 1, received 2 bytes", LogEvent::Other),
+            // Someone else's Permission denied, or one in the middle of a line: not ours.
+            (
+                "deploy@127.0.0.2: Permission denied (password).",
+                LogEvent::Other,
+            ),
+            (
+                "Remote: root@127.0.0.2: Permission denied (publickey).",
+                LogEvent::Other,
+            ),
+            (
+                "banner says: REMOTE HOST IDENTIFICATION HAS CHANGED",
+                LogEvent::Other,
+            ),
         ];
         for (line, want) in cases {
-            assert_eq!(classify_log_line(line), want, "{line}");
+            assert_eq!(classify_log_line(line, denied), want, "{line}");
         }
-        let mut s = LogSummary::default();
+        let mut s = LogSummary::new("root", "127.0.0.2");
         assert!(!s.absorb("Server host key: ssh-ed25519 SHA256:xyz"));
         assert!(s.absorb("Authenticated to web-01 ([127.0.0.2]:22) using \"password\"."));
         assert!(s.authenticated && !s.denied);
+    }
+
+    #[test]
+    fn the_target_cannot_steer_the_classification() {
+        // The target's disconnect text, with newlines ssh does not escape, tries to forge a
+        // rejection (which would make the broker try ACSPrevious) and a host key failure.
+        let mut s = LogSummary::new("root", "127.0.0.2");
+        for line in [
+            "Server host key: ssh-ed25519 SHA256:xyz\r\n",
+            "Received disconnect from 127.0.0.2 port 22:11: bye\r\n",
+            "root@127.0.0.2: Permission denied (publickey).\r\n",
+            "Host key verification failed.\r\n",
+            "Authenticated to web-01 ([127.0.0.2]:22) using \"publickey\".\r\n",
+            "Disconnected from 127.0.0.2 port 22\r\n",
+        ] {
+            assert!(!s.absorb(line), "{line}");
+        }
+        assert!(!s.denied && !s.host_key_failed && !s.authenticated, "{s:?}");
+        assert!(s.server_disconnected);
+        assert_eq!(
+            s.connect_error.as_ref().map(|c| c.reason),
+            Some("connection closed by the target")
+        );
+        // A fingerprint counts only right after ssh's own announcement of it.
+        let mut s = LogSummary::new("root", "127.0.0.2");
+        s.absorb("SHA256:forged.");
+        assert_eq!(s.presented, None);
+        s.absorb("The fingerprint for the ED25519 key sent by the remote host is\r\n");
+        s.absorb("SHA256:real+key/1.\r\n");
+        assert!(s.absorb("Host key verification failed.\r\n"));
+        assert_eq!(s.presented.as_deref(), Some("SHA256:real+key/1"));
+        assert!(s.host_key_failed);
+    }
+
+    #[test]
+    fn connect_failures_are_short_and_name_no_address() {
+        let cases = [
+            (
+                "ssh: connect to host 10.9.8.7 port 22: Connection refused",
+                "connection refused",
+            ),
+            (
+                "ssh: connect to host 10.9.8.7 port 22: Connection timed out",
+                "timed out",
+            ),
+            (
+                "ssh: connect to host 10.9.8.7 port 22: No route to host",
+                "no route to host",
+            ),
+            (
+                "ssh: connect to host 10.9.8.7 port 22: Network is unreachable",
+                "network unreachable",
+            ),
+            (
+                "ssh: Could not resolve hostname db.internal: Name or service not known",
+                "its address does not resolve",
+            ),
+            (
+                "kex_exchange_identification: Connection closed by remote host",
+                "connection closed by the target",
+            ),
+            (
+                "kex_exchange_identification: read: Connection reset by peer",
+                "connection reset by the target",
+            ),
+            (
+                "Connection timed out during banner exchange",
+                "timed out",
+            ),
+            ("Connection to 10.9.8.7 port 22 timed out", "timed out"),
+            (
+                "Connection closed by 10.9.8.7 port 22",
+                "connection closed by the target",
+            ),
+            (
+                "Unable to negotiate with 10.9.8.7 port 22: no matching host key type found. Their offer: ssh-dss",
+                "no algorithms in common with the target",
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(short_connect_reason(line), Some(want), "{line}");
+            assert_eq!(
+                classify_log_line(line, "root@10.9.8.7: Permission denied ("),
+                LogEvent::ConnectError(want)
+            );
+        }
+        assert_eq!(short_connect_reason("Authenticated to x"), None);
+        let mut s = LogSummary::new("root", "10.9.8.7");
+        s.absorb("ssh: connect to host 10.9.8.7 port 22: Connection refused\r\n");
+        let c = s.connect_error.unwrap();
+        assert_eq!(c.reason, "connection refused");
+        assert!(c.line.contains("10.9.8.7"), "the log keeps ssh's own line");
     }
 }

@@ -82,6 +82,7 @@ pub fn run<T>(
 ) -> Result<T, KmsError> {
     let start = clock.now();
     let mut attempts: u32 = 0;
+    let mut last_chance = false;
     loop {
         let left = policy
             .deadline
@@ -95,7 +96,7 @@ pub fn run<T>(
         let left = policy
             .deadline
             .saturating_sub(clock.now().duration_since(start));
-        if left < MIN_ATTEMPT_TIME {
+        if last_chance || left < MIN_ATTEMPT_TIME {
             return Err(exhausted(
                 err,
                 attempts,
@@ -103,10 +104,14 @@ pub fn run<T>(
                 policy,
             ));
         }
-        // The pause is shortened so that one more attempt still gets MIN_ATTEMPT_TIME.
-        let pause = policy
-            .backoff(attempts, unit())
-            .min(left.saturating_sub(MIN_ATTEMPT_TIME));
+        // When the drawn pause would not leave MIN_ATTEMPT_TIME for another attempt, it is
+        // shortened and that attempt is the last.
+        let room = left.saturating_sub(MIN_ATTEMPT_TIME);
+        let mut pause = policy.backoff(attempts, unit());
+        if pause >= room {
+            pause = room;
+            last_chance = true;
+        }
         clock.sleep(pause);
     }
 }
