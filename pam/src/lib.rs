@@ -12,7 +12,9 @@
 //! * session open: for a granted composite login, fork+exec `bastion.broker` (as root, clean
 //!   environment, only its two pipes open), wait up to 5 s for `ready SOCKET`, then
 //!   `pam_putenv("KMSBASTION_SOCKET=SOCKET")`. The write end of the lifetime pipe stays open in
-//!   sshd (close-on-exec): when the sshd session ends, the broker sees EOF.
+//!   sshd (close-on-exec): when the sshd session ends, the broker sees EOF. A detached sweeper
+//!   (a double-forked copy of this process holding only the pipe's read end) then removes the
+//!   root-owned session directory, even if sshd died without closing the session.
 //! * session close: SIGTERM the broker this module started (by pid, only if it is still our
 //!   unreaped child), wait up to 2 s, SIGKILL if needed, reap.
 //! * auth, setcred, chauthtok: `PAM_IGNORE`.
@@ -471,8 +473,8 @@ fn start_broker(
         unsafe { exec_broker_child(devnull.0, &keep, c_program.as_ptr(), &argv, &envp) }
     }
 
-    // Parent (sshd).
-    drop(life_r.take_into());
+    // Parent (sshd). The read end of the lifetime pipe stays open until the sweeper (below)
+    // has its copy.
     drop(ready_w.take_into());
     drop(devnull);
     let mut handle = BrokerHandle {
@@ -490,6 +492,8 @@ fn start_broker(
         Ok(ReadyLine::Ready(path)) => {
             match pam_session::session_dir_of(&cfg.bastion.runtime_dir, &path) {
                 Some(dir) => {
+                    spawn_sweeper(life_r.0, &dir);
+                    drop(life_r.take_into());
                     handle.session_dir = Some(dir);
                     Ok((handle, path))
                 }
@@ -520,6 +524,97 @@ impl Fd {
     }
 }
 
+/// Start the session directory's sweeper: a root process (a double-forked copy of this one,
+/// detached, holding nothing but the read end of the lifetime pipe) that removes
+/// `runtime_dir/s-*` once the lifetime pipe ends, that is when the sshd session is over, also
+/// when sshd died without closing the PAM session. The broker cannot remove the directory
+/// itself: it is root-owned so that no process of the service user can tamper with it.
+/// Best effort: close_session removes it too.
+fn spawn_sweeper(life_r: RawFd, dir: &std::path::Path) {
+    let Ok(c_dir) = CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: fork in sshd (single-threaded); the child only runs `sweeper_child`, which never
+    // returns into sshd's code.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: in the child of fork; c_dir is valid.
+        unsafe { sweeper_child(life_r, &c_dir) }
+    }
+    if pid > 0 {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child (it exits at once) with a valid status pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+}
+
+/// Close every descriptor from 3 up except those in `keep`.
+///
+/// # Safety
+/// Only in a forked child that owns no Rust objects wrapping these descriptors.
+unsafe fn close_fds_except(keep: &[RawFd]) {
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur.min(1 << 16) as RawFd
+        } else {
+            1024
+        };
+        let mut fd: RawFd = 3;
+        while fd < max {
+            if !keep.contains(&fd) {
+                libc::close(fd);
+            }
+            fd += 1;
+        }
+    }
+}
+
+/// The sweeper (see [`spawn_sweeper`]). Never returns.
+///
+/// # Safety
+/// Must only be called in the child of `fork`.
+unsafe fn sweeper_child(life_r: RawFd, dir: &CStr) -> ! {
+    unsafe {
+        libc::setsid();
+        // Detach: the intermediate exits at once (reaped by the module), so sshd never sees
+        // the sweeper as its child.
+        if libc::fork() != 0 {
+            libc::_exit(0);
+        }
+        // Nothing of sshd's: not the client connection, not the lifetime pipe's write end
+        // (or the broker would never see EOF).
+        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if devnull >= 0 {
+            libc::dup2(devnull, 0);
+            libc::dup2(devnull, 1);
+            libc::dup2(devnull, 2);
+        }
+        close_fds_except(&[life_r]);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let mut sig = 1;
+        while sig < 65 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            sig += 1;
+        }
+        let mut buf = [0u8; 64];
+        loop {
+            let n = libc::read(life_r, buf.as_mut_ptr().cast(), buf.len());
+            if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+                break;
+            }
+        }
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+        // remove_dir_all never follows symlinks (it works through directory descriptors).
+        let _ = std::fs::remove_dir_all(path);
+        libc::_exit(0)
+    }
+}
+
 /// The forked child: set up descriptors and signals, exec the broker. Never returns.
 ///
 /// # Safety
@@ -540,19 +635,7 @@ unsafe fn exec_broker_child(
             libc::fcntl(fd, libc::F_SETFD, 0);
         }
         // Close everything else sshd had open (sockets, host keys, the monitor pipes).
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur.min(1 << 16) as RawFd
-        } else {
-            1024
-        };
-        let mut fd: RawFd = 3;
-        while fd < max {
-            if fd != keep[0] && fd != keep[1] {
-                libc::close(fd);
-            }
-            fd += 1;
-        }
+        close_fds_except(keep);
         // sshd's signal dispositions and mask must not leak into the broker.
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);

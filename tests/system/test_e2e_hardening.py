@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from world import RUNTIME_DIR, SERVICE_USER
+from world import RUNTIME_DIR, SERVICE_USER, SSHD
 
 LOGIN_TARGET = "web-01"
 EXPIRED_LINE = "login refused: your grant for this account@host has expired"
@@ -38,9 +38,25 @@ def session_dirs():
     return sorted(p for p in RUNTIME_DIR.iterdir() if p.name.startswith("s-"))
 
 
+def ppid(pid):
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def sweepers(world):
+    """The PAM module's detached session-directory sweepers: copies of an sshd process whose
+    parent is not an sshd (the jump and target daemons themselves excepted)."""
+    sshds = set(world.pids_of(SSHD))
+    daemons = {d.process.pid for d in world.daemons.values()}
+    return [p for p in sshds - daemons if ppid(p) not in sshds]
+
+
 def no_sessions_left(world, timeout=15):
     world.wait_for(lambda: not world.broker_pids(), timeout=timeout, what="every broker to exit")
     world.wait_for(lambda: not session_dirs(), timeout=timeout, what="every session directory to go")
+    world.wait_for(lambda: not sweepers(world), timeout=timeout, what="every sweeper to exit")
 
 
 def as_service_user(*argv):
@@ -102,6 +118,7 @@ def test_session_directory_is_root_only_and_gone_after_the_session(world):
         child.sendline("echo LIVE-$((5*5))")
         child.expect("LIVE-25")
         [sdir] = session_dirs()
+        assert len(sweepers(world)) == 1, "one sweeper per session"
         st = os.lstat(sdir)
         assert (stat.S_ISDIR(st.st_mode), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (True, 0, 0, 0o711)
         p = os.lstat(sdir / "p")
@@ -120,6 +137,18 @@ def test_session_directory_is_root_only_and_gone_after_the_session(world):
         child.close()
     no_sessions_left(world)
     assert os.stat("/etc/shadow").st_uid == 0
+
+
+def test_nothing_is_left_when_the_client_vanishes(world):
+    no_sessions_left(world)
+    proc = subprocess.Popen(world.ssh_argv(world.login("alice", LOGIN_TARGET), "sleep 60"), env=world.client_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    world.wait_for(session_dirs, timeout=15, what="the session directory")
+    world.wait_for(lambda: [p for p in world.pids_of("/usr/bin/ssh") if os.stat(f"/proc/{p}").st_uid != 0],
+                   timeout=15, what="the onward ssh")
+    proc.kill()
+    proc.wait()
+    no_sessions_left(world)
 
 
 def test_a_runtime_dir_others_can_write_is_refused(world):
