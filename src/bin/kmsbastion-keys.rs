@@ -11,8 +11,11 @@
 //! from this command; local users' own authorized_keys files still work), 2 on bad usage.
 #![forbid(unsafe_code)]
 
+use kmsbastion::audit::{Audit, Event};
 use kmsbastion::authorized_keys::{authorized_keys, OfferedKey};
 use kmsbastion::config::{Config, DEFAULT_CONFIG_PATH};
+use kmsbastion::grant::{self, Decision};
+use kmsbastion::login::Login;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,8 +90,10 @@ fn main() -> ExitCode {
         key_type: t,
         base64: k,
     });
-    let lines = authorized_keys(&cfg, &args.user, offered, SystemTime::now());
+    let now = SystemTime::now();
+    let lines = authorized_keys(&cfg, &args.user, offered, now);
     if lines.is_empty() {
+        audit_refusal(&cfg, &args.user, now);
         return ExitCode::SUCCESS;
     }
     let mut out = lines.join("\n");
@@ -104,6 +109,35 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A bastion login whose grant refuses it ends here: sshd never reaches PAM, so this is the
+/// one place that can record why (DESIGN.md: "no grant / outside window / wrong source → the
+/// jump host logs reason, rule"). Wrong-source refusals are not seen here (the keys then carry
+/// the grant's `from=` and sshd logs the mismatch itself); unknown engineers are not audited
+/// (any scanner can try names).
+fn audit_refusal(cfg: &Config, user: &str, now: SystemTime) {
+    let Ok(Login::Composite(login)) = Login::parse(user) else {
+        return;
+    };
+    let Some(engineer) = cfg.engineer(&login.engineer) else {
+        return;
+    };
+    if engineer.public_keys().is_empty() {
+        return;
+    }
+    let reason = match grant::evaluate(cfg, &login, None, now) {
+        Decision::Deny(reason) => reason.to_string(),
+        // Allowed with an unknown source means a `from=`-restricted rule: keys were printed.
+        Decision::Allow { .. } => return,
+    };
+    let mut event = Event::new("refused");
+    event.engineer = Some(login.engineer.clone());
+    event.account = Some(login.account.clone());
+    event.host = Some(login.host.clone());
+    event.result = Some("deny".to_owned());
+    event.reason = Some(format!("no key offered for {login}: {reason}"));
+    Audit::open(cfg.audit.file.as_deref(), cfg.audit.syslog).emit(&event);
 }
 
 #[cfg(test)]
