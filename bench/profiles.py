@@ -9,7 +9,6 @@ import re
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional

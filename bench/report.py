@@ -123,6 +123,22 @@ def markdown(r: Results, targets: dict) -> str:
         f"| getsecretvalue_per_connection (concurrent run) | {_fmt(f['getsecretvalue_per_connection'])} | = 1 | {_met(_cmp(f['getsecretvalue_per_connection'], 1.0, True))} |",
         "",
     ]
+    notes = []
+    nss = r.helpers.get("nss")
+    if nss:
+        notes.append(f"`nss_median_us` is the warm in-process lookup. The first lookup after the file changed "
+                     f"(and so the first one in every freshly started process, such as sshd's per-connection "
+                     f"process) takes {ms(nss['cold'].median)} ms with this configuration.")
+    if r.large_logins is not None and r.large_logins.n:
+        notes.append(f"A whole bastion login with that configuration installed takes {ms(r.large_logins.median)} ms "
+                     "(section 2).")
+    extra = [c for c in r.concurrency[1:]]
+    for c in extra:
+        what = ("the bastion again with `MaxStartups " + (c.max_startups or "") + "`") if c.variant == "bastion" \
+            else f"the ProxyJump reference with the same sshd defaults"
+        notes.append(f"{c.n} logins at once, {what}: {c.failures} failures.")
+    if notes:
+        out += [*(f"- {n}" for n in notes), ""]
     if r.errors:
         out += ["## Errors", "", "The run did not complete:", "", "```", *[e.strip() for e in r.errors], "```", ""]
 
