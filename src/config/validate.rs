@@ -13,20 +13,31 @@ const MAX_SECRET_NAME_LEN: usize = 192;
 /// Longest host address (a full DNS name).
 const MAX_ADDRESS_LEN: usize = 253;
 
-struct Ctx<'a> {
-    text: &'a str,
+struct Ctx {
+    /// Byte offset at which each line after the first starts: a line number is one binary
+    /// search away (counting newlines per lookup made large inventories quadratic).
+    line_starts: Vec<usize>,
     problems: Vec<Problem>,
     warnings: Vec<(Option<usize>, String)>,
 }
 
-impl Ctx<'_> {
+impl Ctx {
+    fn new(text: &str) -> Self {
+        let line_starts = text
+            .bytes()
+            .enumerate()
+            .filter(|&(_, c)| c == b'\n')
+            .map(|(i, _)| i + 1)
+            .collect();
+        Self {
+            line_starts,
+            problems: vec![],
+            warnings: vec![],
+        }
+    }
+    /// 1-based line of byte `offset`.
     fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text
-            .as_bytes()
-            .get(..end)
-            .map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
-            + 1
+        self.line_starts.partition_point(|&start| start <= offset) + 1
     }
     fn line<T>(&self, s: &Spanned<T>) -> Option<usize> {
         Some(self.line_of(s.span().start))
@@ -50,19 +61,11 @@ pub(super) fn build(
     local: Option<&LocalDb>,
 ) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let ctx = Ctx {
-            text,
-            problems: vec![],
-            warnings: vec![],
-        };
+        let ctx = Ctx::new(text);
         let line = e.span().map(|s| ctx.line_of(s.start));
         ConfigError::syntax(origin, Problem::at(line, e.message().trim().to_owned()))
     })?;
-    let mut ctx = Ctx {
-        text,
-        problems: vec![],
-        warnings: vec![],
-    };
+    let mut ctx = Ctx::new(text);
 
     let kms = match raw.kms {
         Some(k) => {
@@ -108,7 +111,7 @@ pub(super) fn build(
     })
 }
 
-fn check_kms(ctx: &mut Ctx<'_>, k: &Spanned<KmsSettings>) {
+fn check_kms(ctx: &mut Ctx, k: &Spanned<KmsSettings>) {
     let s = k.get_ref();
     if s.deadline_ms == 0 {
         ctx.err(k, "[kms] deadline_ms must be greater than 0".into());
@@ -143,7 +146,7 @@ fn opt_string(s: &Option<Spanned<String>>, default: &str) -> String {
         .map_or_else(|| default.to_owned(), |v| v.get_ref().clone())
 }
 
-fn absolute_path(ctx: &mut Ctx<'_>, s: &Spanned<String>, what: &str) -> PathBuf {
+fn absolute_path(ctx: &mut Ctx, s: &Spanned<String>, what: &str) -> PathBuf {
     let v = s.get_ref();
     if !v.starts_with('/') || v.chars().any(|c| c.is_control() || c == ':') {
         ctx.err(
@@ -154,14 +157,14 @@ fn absolute_path(ctx: &mut Ctx<'_>, s: &Spanned<String>, what: &str) -> PathBuf 
     PathBuf::from(v)
 }
 
-fn opt_path(ctx: &mut Ctx<'_>, s: &Option<Spanned<String>>, default: &str, what: &str) -> PathBuf {
+fn opt_path(ctx: &mut Ctx, s: &Option<Spanned<String>>, default: &str, what: &str) -> PathBuf {
     match s {
         Some(v) => absolute_path(ctx, v, what),
         None => PathBuf::from(default),
     }
 }
 
-fn check_bastion(ctx: &mut Ctx<'_>, b: &RawBastion, local: Option<&LocalDb>) -> BastionSettings {
+fn check_bastion(ctx: &mut Ctx, b: &RawBastion, local: Option<&LocalDb>) -> BastionSettings {
     let section_line = None;
     let group = opt_string(&b.group, DEFAULT_BASTION_GROUP);
     let group_line = b.group.as_ref().and_then(|g| ctx.line(g)).or(section_line);
@@ -301,7 +304,7 @@ fn check_secret_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_hosts(ctx: &mut Ctx<'_>, raw: &[RawHost]) -> Vec<Host> {
+fn check_hosts(ctx: &mut Ctx, raw: &[RawHost]) -> Vec<Host> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut hosts = Vec::with_capacity(raw.len());
     for h in raw {
@@ -378,7 +381,7 @@ fn check_hosts(ctx: &mut Ctx<'_>, raw: &[RawHost]) -> Vec<Host> {
     hosts
 }
 
-fn check_accounts(ctx: &mut Ctx<'_>, host: &str, raw: &[RawAccount]) -> Vec<HostAccount> {
+fn check_accounts(ctx: &mut Ctx, host: &str, raw: &[RawAccount]) -> Vec<HostAccount> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(raw.len());
     for a in raw {
@@ -409,7 +412,7 @@ fn check_accounts(ctx: &mut Ctx<'_>, host: &str, raw: &[RawAccount]) -> Vec<Host
 }
 
 fn check_engineers(
-    ctx: &mut Ctx<'_>,
+    ctx: &mut Ctx,
     raw: &[RawEngineer],
     b: &BastionSettings,
     local: Option<&LocalDb>,
@@ -555,12 +558,26 @@ fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
 }
 
 fn check_grants(
-    ctx: &mut Ctx<'_>,
+    ctx: &mut Ctx,
     raw: &[RawGrant],
     hosts: &[Host],
     engineers: &[Engineer],
 ) -> Vec<GrantRule> {
     let mut out = Vec::with_capacity(raw.len());
+    // Indexes, so that a large inventory (thousands of grants) validates in linear time.
+    let engineer_names: HashSet<&str> = engineers.iter().map(|e| e.name.as_str()).collect();
+    let group_names: HashSet<&str> = engineers
+        .iter()
+        .flat_map(|e| e.groups.iter().map(String::as_str))
+        .collect();
+    let host_accounts: HashSet<(&str, &str)> = hosts
+        .iter()
+        .flat_map(|h| {
+            h.accounts
+                .iter()
+                .map(|a| (a.name.as_str(), h.name.as_str()))
+        })
+        .collect();
     for g in raw {
         let line = ctx.line_of(g.accounts.span().start);
         let mut rule = GrantRule {
@@ -578,7 +595,7 @@ fn check_grants(
             .map(|v| v.get_ref().as_slice())
             .unwrap_or_default()
         {
-            if !engineers.iter().any(|x| x.name == *e.get_ref()) {
+            if !engineer_names.contains(e.get_ref().as_str()) {
                 ctx.err(
                     e,
                     format!(
@@ -595,7 +612,7 @@ fn check_grants(
             .map(|v| v.get_ref().as_slice())
             .unwrap_or_default()
         {
-            if !engineers.iter().any(|x| x.groups.contains(gr.get_ref())) {
+            if !group_names.contains(gr.get_ref().as_str()) {
                 ctx.err(
                     gr,
                     format!(
@@ -624,11 +641,14 @@ fn check_grants(
                 ctx.err(p, format!("grant: {e}"));
                 continue;
             }
-            let matched = hosts.iter().any(|h| {
-                h.accounts
+            let matched = match pat.split_once('@') {
+                Some((account, host)) if !pat.contains('*') => {
+                    host_accounts.contains(&(account, host))
+                }
+                _ => host_accounts
                     .iter()
-                    .any(|a| pattern_matches(pat, &a.name, &h.name))
-            });
+                    .any(|(account, host)| pattern_matches(pat, account, host)),
+            };
             if !matched {
                 if pat.contains('*') {
                     ctx.warn(p, format!("grant: pattern {pat:?} matches no host account"));
