@@ -98,14 +98,14 @@ def main() -> int:
             log("profile: perf of one AuthorizedKeysCommand call (large configuration)")
             r.profiles["akc"] = prof.perf_top(
                 [str(keys_bin), "--config", str(r.helpers["config"]), gen.probe_login,
-                 key_type, key_b64], work, "akc")
+                 key_type, key_b64], work, "akc", repeat=20)
         if nss_missed:
             log("profile: perf of one cold NSS lookup (large configuration)")
             helpers.NSS_CONFIG.parent.mkdir(parents=True, exist_ok=True)
             helpers.NSS_CONFIG.write_text(gen.text)
             try:
                 r.profiles["nss_cold"] = prof.perf_top(
-                    prof.nss_cold_argv(sys.executable, nss_lib, gen.probe_login),
+                    prof.nss_cold_argv(sys.executable, nss_lib, gen.probe_login, helpers.NSS_CONFIG),
                     work, "nss-cold")
             finally:
                 helpers.cleanup()

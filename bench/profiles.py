@@ -23,31 +23,44 @@ def have_perf() -> bool:
     return r.returncode == 0
 
 
-def perf_top(argv: list[str], workdir: Path, name: str, limit: int = 12, env: Optional[dict] = None) -> str:
-    """``perf record -g`` of one command; returns the top self-time symbols (perf report
+def perf_top(argv: list[str], workdir: Path, name: str, limit: int = 15, env: Optional[dict] = None,
+             repeat: int = 1) -> str:
+    """``perf record -g`` of a command run ``repeat`` times in a row (more samples for short
+    calls); returns the self time per DSO and the top self-time symbols (perf report
     ``--no-children``) as text, or why there is none."""
     if not have_perf():
         return "(perf is not available here)"
     data = workdir / f"perf-{name}.data"
-    r = subprocess.run(["perf", "record", "-q", "-F", "2000", "-g", "-o", str(data), "--", *argv],
+    if repeat > 1:
+        loop = f'i=0; while [ $i -lt {repeat} ]; do "$@" >/dev/null || exit 1; i=$((i+1)); done'
+        argv = ["/bin/sh", "-c", loop, "sh", *argv]
+    r = subprocess.run(["perf", "record", "-q", "-F", "4000", "-g", "-o", str(data), "--", *argv],
                        capture_output=True, text=True, env=env, timeout=900)
     if r.returncode != 0:
         return f"(perf record failed: {r.stderr.strip()[-300:]})"
-    rep = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--stdio", "-g", "none",
-                          "--percent-limit", "0.5", "--sort", "dso,sym"],
-                         capture_output=True, text=True, timeout=300)
-    lines = [l.rstrip() for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#")]
-    return "\n".join(lines[:limit]) or "(empty profile)"
+
+    def report(sort: str, n: int) -> list[str]:
+        rep = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--stdio", "-g", "none",
+                              "--percent-limit", "0.5", "--sort", sort],
+                             capture_output=True, text=True, timeout=300)
+        return [l.rstrip() for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#")][:n]
+
+    head = [f"{repeat} run(s); self time by DSO:"] if repeat > 1 else ["self time by DSO:"]
+    out = head + report("dso", 6) + ["", "top symbols:"] + report("dso,sym", limit)
+    return "\n".join(out)
 
 
-def nss_cold_argv(python: str, nss_lib: Path, login: str) -> list[str]:
-    """A process that makes exactly one (cold) getpwnam_r call through the module."""
+def nss_cold_argv(python: str, nss_lib: Path, login: str, config: Path, lookups: int = 10) -> list[str]:
+    """A process that makes ``lookups`` cold getpwnam_r calls through the module (the
+    configuration's mtime moves before each, so each one re-loads it)."""
     code = (
-        "import ctypes,sys\n"
-        f"lib=ctypes.CDLL({str(nss_lib)!r})\n"
+        "import ctypes,os,sys\n"
+        f"lib=ctypes.CDLL({str(nss_lib)!r}); p={str(config)!r}\n"
         "buf=ctypes.create_string_buffer(4096); pw=ctypes.create_string_buffer(64); e=ctypes.c_int()\n"
-        f"s=lib._nss_kmsbastion_getpwnam_r({login.encode()!r},pw,buf,4096,ctypes.byref(e))\n"
-        "sys.exit(0 if s==1 else 1)\n"
+        f"for i in range({lookups}):\n"
+        "    st=os.stat(p); os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns+1000000000))\n"
+        f"    s=lib._nss_kmsbastion_getpwnam_r({login.encode()!r},pw,buf,4096,ctypes.byref(e))\n"
+        "    if s!=1: sys.exit(1)\n"
     )
     return [python, "-c", code]
 
