@@ -36,7 +36,7 @@ if ! command -v cargo >/dev/null; then
     for c in "$HOME/.cargo/bin/cargo" /root/.cargo/bin/cargo; do
         [[ -x "$c" ]] && { echo "install-deps: cargo is at $c; add $(dirname "$c") to PATH" >&2; exit 1; }
     done
-    echo "install-deps: no Rust toolchain found. kmsbastion needs Rust >= 1.75 (Debian 12's rustc" >&2
+    echo "install-deps: no Rust toolchain found. kmsbastion needs Rust >= 1.88 (Debian 12's rustc" >&2
     echo "  is too old); install it with rustup (https://rustup.rs) and run this again." >&2
     exit 1
 fi
