@@ -706,35 +706,9 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
             let _ = reader.join();
             return internal(&format!("running {}", cx.ssh.display()), e);
         }
-        Some(Ok(mut child)) => loop {
-            let reaped = {
-                let mut guard = match cx.slot.pid.lock() {
-                    Ok(g) => g,
-                    Err(_) => return internal("child slot", "poisoned"),
-                };
-                match child.try_wait() {
-                    Ok(Some(st)) => {
-                        *guard = None;
-                        Some(st)
-                    }
-                    Ok(None) => None,
-                    Err(_) => {
-                        *guard = None;
-                        None
-                    }
-                }
-            };
-            if let Some(st) = reaped {
-                break st;
-            }
-            if cx.slot.pid.lock().map(|g| g.is_none()).unwrap_or(true) {
-                // try_wait failed: wait blocking (the pid is already cleared).
-                match child.wait() {
-                    Ok(st) => break st,
-                    Err(e) => return internal("waiting for ssh", e),
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        Some(Ok(mut child)) => match reap(&mut child, cx.slot) {
+            Ok(st) => st,
+            Err(e) => return internal("waiting for ssh", e),
         },
     };
     finish_cred(&stop);
@@ -768,6 +742,53 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
             reason: reason.to_owned(),
             detail,
         })
+    }
+}
+
+/// Block until `child` (the slot's ssh) has ended, then clear the slot and reap it in one
+/// step under the slot's lock, so a signal can never reach a recycled pid.
+///
+/// `waitid(WNOWAIT)` sleeps in the kernel until the child is a zombie without reaping it: its
+/// pid stays ours (a signal to it is harmless) until `try_wait` below collects the status.
+/// A hangup needs no wake-up of its own here: it reaches ssh as a signal and ssh's exit
+/// ends the wait. This thread spawned ssh and stays alive while blocked, so ssh's
+/// parent-death signal is unaffected.
+fn reap(
+    child: &mut std::process::Child,
+    slot: &ChildSlot,
+) -> std::io::Result<std::process::ExitStatus> {
+    let pid = libc::id_t::try_from(child.id()).map_err(std::io::Error::other)?;
+    loop {
+        // SAFETY: waitid only writes the siginfo_t we own; WNOWAIT leaves the child unreaped.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            // Cannot watch without reaping: clear the pid first, then wait blocking.
+            if let Ok(mut guard) = slot.pid.lock() {
+                *guard = None;
+            }
+            return child.wait();
+        }
+    }
+    let mut guard = slot
+        .pid
+        .lock()
+        .map_err(|_| std::io::Error::other("child slot poisoned"))?;
+    *guard = None;
+    match child.try_wait() {
+        Ok(Some(st)) => Ok(st),
+        // The child is a zombie by now; should it not be reapable yet, wait for it (the
+        // pid is already cleared, so nothing signals it meanwhile).
+        Ok(None) | Err(_) => {
+            drop(guard);
+            child.wait()
+        }
     }
 }
 
