@@ -33,9 +33,7 @@ pub struct OfferedKey<'a> {
 }
 
 fn matches(key: &PublicKeyLine, offered: Option<OfferedKey<'_>>) -> bool {
-    offered.map_or(true, |o| {
-        o.key_type == key.key_type && o.base64 == key.base64
-    })
+    offered.is_none_or(|o| o.key_type == key.key_type && o.base64 == key.base64)
 }
 
 /// The sshd options string for one allowing rule.

@@ -269,8 +269,8 @@ pub fn key_restrictions(cfg: &Config, login: &LoginString, now: SystemTime) -> V
         return out;
     }
     for (i, rule) in cfg.grants.iter().enumerate() {
-        let live = rule.not_before.map_or(true, |nb| now >= nb)
-            && rule.not_after.map_or(true, |na| now < na);
+        let live =
+            rule.not_before.is_none_or(|nb| now >= nb) && rule.not_after.is_none_or(|na| now < na);
         if !live || !rule.applies_to(engineer) || !rule.covers(&login.account, &login.host) {
             continue;
         }

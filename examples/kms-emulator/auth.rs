@@ -60,9 +60,9 @@ struct NonceCache {
 impl NonceCache {
     /// Records `nonce`; false if it was already used within `window`.
     fn fresh(&mut self, nonce: &str, now: SystemTime, window: Duration) -> bool {
-        let due = self.last_prune.map_or(true, |t| {
-            now.duration_since(t).unwrap_or_default() > Duration::from_secs(10)
-        });
+        let due = self
+            .last_prune
+            .is_none_or(|t| now.duration_since(t).unwrap_or_default() > Duration::from_secs(10));
         if due {
             self.seen
                 .retain(|_, t| now.duration_since(*t).unwrap_or_default() <= window);

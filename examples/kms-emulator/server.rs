@@ -313,7 +313,7 @@ fn decode(req: &mut Request) -> Result<Decoded, ApiError> {
     if raw_body.len() as u64 > MAX_BODY {
         return Err(ApiError::invalid("the request body is larger than 1 MiB"));
     }
-    let is_form = headers.get("content-type").map_or(true, |ct| {
+    let is_form = headers.get("content-type").is_none_or(|ct| {
         ct.to_ascii_lowercase()
             .starts_with("application/x-www-form-urlencoded")
     });

@@ -532,7 +532,7 @@ impl Store {
     pub fn purge_expired(&mut self, now: u64) -> bool {
         let before = self.secrets.len();
         self.secrets
-            .retain(|_, s| s.planned_delete.map_or(true, |t| t > now));
+            .retain(|_, s| s.planned_delete.is_none_or(|t| t > now));
         before != self.secrets.len()
     }
 
@@ -607,10 +607,10 @@ impl Store {
                     .ok_or_else(|| {
                         ApiError::invalid("ExtendedConfig.SecretSubType must be Password or SSHKey")
                     })?;
-                if !cfg
+                if cfg
                     .get("InstanceId")
                     .and_then(Value::as_str)
-                    .is_some_and(|s| !s.is_empty())
+                    .is_none_or(str::is_empty)
                 {
                     return Err(ApiError::invalid("ExtendedConfig.InstanceId is required"));
                 }

@@ -9,20 +9,111 @@
 
 use crate::sensitive::SecretString;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 use zeroize::Zeroizing;
 
+/// A stop signal a thread blocked in `poll(2)` notices at once: a flag plus an eventfd that
+/// becomes (and stays) readable when the flag is set.
+#[derive(Debug)]
+pub struct Stop {
+    flag: AtomicBool,
+    wake: OwnedFd,
+}
+
+impl Stop {
+    /// A fresh, unset stop signal (the eventfd is close-on-exec: ssh never inherits it).
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self {
+            flag: AtomicBool::new(false),
+            wake,
+        })
+    }
+
+    /// Set the flag and wake the waiter (idempotent).
+    pub fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to the eventfd we own. A failure (the counter
+        // is saturated) leaves the eventfd readable anyway, which is all the waiter needs.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                std::ptr::addr_of!(one).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    /// Whether the flag is set.
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
+/// How long one `poll(2)` may sleep before the flag is looked at again. Only a guard: every
+/// `Stop::set` wakes the waiter at once, and a connection is accepted the moment it arrives.
+const STOP_GUARD: libc::c_int = 1000;
+
+/// Wait until `listener` has a connection (`Ok(true)`) or `stop` is set (`Ok(false)`).
+fn wait_for_connection(listener: &UnixListener, stop: &Stop) -> std::io::Result<bool> {
+    loop {
+        if stop.is_set() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two initialised pollfd for descriptors we hold.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, STOP_GUARD) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let [l, w] = fds;
+        if w.revents != 0 {
+            return Ok(false);
+        }
+        if l.revents & libc::POLLIN != 0 {
+            return Ok(true);
+        }
+        if l.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err(std::io::Error::other("the askpass socket failed"));
+        }
+    }
+}
+
 /// Serve `password` to the first accepted askpass child of `ssh_pid`; stop when `stop` is set.
 /// Returns whether the password was handed out. The password is dropped (zeroized) on return.
+/// Sleeps in `poll(2)` on the listener and the stop signal: a connection is answered as soon
+/// as it arrives, and a stop ends the wait at once.
 pub fn serve(
     listener: &UnixListener,
     password: SecretString,
     ssh_pid: &AtomicI32,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> bool {
     if listener.set_nonblocking(true).is_err() {
         return false;
@@ -30,8 +121,9 @@ pub fn serve(
     // SAFETY: getuid has no preconditions.
     let me = unsafe { libc::getuid() };
     loop {
-        if stop.load(Ordering::Acquire) {
-            return false;
+        match wait_for_connection(listener, stop) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return false,
         }
         match listener.accept() {
             Ok((mut stream, _)) => {
@@ -50,9 +142,14 @@ pub fn serve(
                 drop(stream);
                 return sent;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            // The connection went away between poll and accept.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::ConnectionAborted
+                ) => {}
             Err(_) => return false,
         }
     }
@@ -97,15 +194,34 @@ mod tests {
         // Pretend the onward ssh is pid 1: this test process is not its child, so it must get
         // nothing, and the server must give up when told to stop.
         let ssh = Arc::new(AtomicI32::new(1));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Stop::new().unwrap());
         let (s2, st2) = (Arc::clone(&ssh), Arc::clone(&stop));
         let t = std::thread::spawn(move || serve(&listener, SecretString::from("pw"), &s2, &st2));
         let mut c = UnixStream::connect(&path).unwrap();
         let mut got = Vec::new();
         c.read_to_end(&mut got).unwrap();
         assert!(got.is_empty());
-        stop.store(true, Ordering::Release);
+        // The stop wakes the server at once (well inside the poll guard).
+        let asked = std::time::Instant::now();
+        stop.set();
         assert!(!t.join().unwrap());
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_stop_set_before_serving_ends_it_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(dir.path().join("askpass.sock")).unwrap();
+        let stop = Stop::new().unwrap();
+        stop.set();
+        stop.set();
+        assert!(stop.is_set());
+        let ssh = AtomicI32::new(std::process::id() as i32);
+        assert!(!serve(&listener, SecretString::from("pw"), &ssh, &stop));
     }
 
     #[test]
@@ -115,7 +231,7 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         // Our own pid plays the onward ssh; a child process plays its askpass.
         let ssh = Arc::new(AtomicI32::new(std::process::id() as i32));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Stop::new().unwrap());
         let (s2, st2) = (Arc::clone(&ssh), Arc::clone(&stop));
         let t = std::thread::spawn(move || serve(&listener, SecretString::from("pw-1"), &s2, &st2));
         let script = format!(

@@ -449,6 +449,23 @@ impl ChildSlot {
     }
 }
 
+/// Tells the credential thread to let go: the agent watches the flag, askpass sleeps in
+/// `poll(2)` on its own [`super::askpass::Stop`], which wakes it at once.
+#[derive(Debug, Clone)]
+struct CredStop {
+    flag: Arc<AtomicBool>,
+    askpass: Option<Arc<super::askpass::Stop>>,
+}
+
+impl CredStop {
+    fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        if let Some(s) = &self.askpass {
+            s.set();
+        }
+    }
+}
+
 /// Fixed inputs of an attempt.
 pub struct AttemptContext<'a> {
     pub ssh: &'a Path,
@@ -513,8 +530,8 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     }
 
     let ssh_pid = Arc::new(AtomicI32::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (auth, cred_thread) = match secret.credential {
+    let flag = Arc::new(AtomicBool::new(false));
+    let (auth, cred_thread, askpass_stop) = match secret.credential {
         Credential::Key(key) => {
             let agent_path = cx.dir.join("agent.sock");
             let pub_path = cx.dir.join("id.pub");
@@ -525,7 +542,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 Ok(l) => l,
                 Err(e) => return internal("agent socket", e),
             };
-            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&stop));
+            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&flag));
             let t = spawn_with_stack(AGENT_STACK, move || {
                 let accept = |peer: libc::pid_t| is_child_of(peer, &pid);
                 let r = agent::serve_listener(&listener, key, accept, &stop2);
@@ -542,6 +559,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                     public_key: pub_path,
                 },
                 t,
+                None,
             )
         }
         Credential::Password(password) => {
@@ -550,7 +568,11 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 Ok(l) => l,
                 Err(e) => return internal("askpass socket", e),
             };
-            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&stop));
+            let ask_stop = match super::askpass::Stop::new() {
+                Ok(s) => Arc::new(s),
+                Err(e) => return internal("askpass stop signal", e),
+            };
+            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&ask_stop));
             let t = spawn_with_stack(ASKPASS_STACK, move || {
                 super::askpass::serve(&listener, password, &pid, &stop2)
             });
@@ -558,8 +580,12 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 Ok(t) => t,
                 Err(e) => return internal("askpass thread", e),
             };
-            (AuthOptions::Password, t)
+            (AuthOptions::Password, t, Some(ask_stop))
         }
+    };
+    let stop = CredStop {
+        flag,
+        askpass: askpass_stop,
     };
 
     let plan = SshPlan {
@@ -573,9 +599,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
         connect_timeout_s: cx.connect_timeout_s,
         auth: auth.clone(),
     };
-    let finish_cred = |stop: &AtomicBool| {
-        stop.store(true, Ordering::Release);
-    };
+    let finish_cred = |stop: &CredStop| stop.set();
     let args = match ssh_args(&plan) {
         Ok(a) => a,
         Err(e) => {
@@ -642,7 +666,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
 
     // Start the log reader before ssh so nothing blocks on a full FIFO.
     let summary = Arc::new(Mutex::new(LogSummary::new(cx.account, cx.address)));
-    let (sum2, stop3) = (Arc::clone(&summary), Arc::clone(&stop));
+    let (sum2, stop3) = (Arc::clone(&summary), stop.clone());
     let reader = spawn_with_stack(SMALL_STACK, move || {
         let mut r = BufReader::new(log_r);
         let mut line = Vec::new();
@@ -655,7 +679,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                     let decided = sum2.lock().map(|mut s| s.absorb(&text)).unwrap_or(false);
                     if decided {
                         // Authentication is over, either way: let go of the credential.
-                        stop3.store(true, Ordering::Release);
+                        stop3.set();
                     }
                 }
             }
@@ -941,6 +965,45 @@ mod tests {
             ..req(RequestKind::Exec, false, "")
         };
         assert!(ssh_args(&plan(&r, AuthOptions::Password)).is_err());
+    }
+
+    #[test]
+    fn reap_blocks_until_exit_and_clears_the_slot() {
+        let slot = ChildSlot::default();
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "sleep 0.2; exit 7"])
+            .spawn()
+            .unwrap();
+        *slot.pid.lock().unwrap() = Some(child.id() as i32);
+        let t0 = Instant::now();
+        let st = reap(&mut child, &slot).unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(exit_code(st), 7);
+        assert!(slot.pid.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_hangup_through_the_slot_ends_the_wait() {
+        let slot = Arc::new(ChildSlot::default());
+        let mut child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
+        *slot.pid.lock().unwrap() = Some(child.id() as i32);
+        let s2 = Arc::clone(&slot);
+        let hangup = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            s2.signal(libc::SIGHUP);
+        });
+        let t0 = Instant::now();
+        let st = reap(&mut child, &slot).unwrap();
+        hangup.join().unwrap();
+        assert_eq!(exit_code(st), 128 + libc::SIGHUP as u8);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert!(slot.pid.lock().unwrap().is_none());
+        // The slot is cleared: signalling it now reaches nobody.
+        slot.signal(libc::SIGKILL);
     }
 
     #[test]

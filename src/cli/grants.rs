@@ -33,7 +33,7 @@ pub fn rows(cfg: &Config, only: Option<&str>, now: SystemTime) -> Vec<GrantRow> 
     for engineer in cfg
         .engineers
         .iter()
-        .filter(|e| only.map_or(true, |o| e.name == o))
+        .filter(|e| only.is_none_or(|o| e.name == o))
     {
         let before = out.len();
         for (i, rule) in cfg.grants.iter().enumerate() {
