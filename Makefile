@@ -26,7 +26,10 @@ lint: deps
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	tests/check-licenses.py
 
+# The client and CLI integration tests drive the real emulator binary; `cargo test` only builds
+# the example as a test harness (its own unit tests), so build the binary first.
 test-unit: deps
+	$(CARGO) build --locked --example kms-emulator
 	$(CARGO) test --locked --workspace
 
 test-sdk: venv build
