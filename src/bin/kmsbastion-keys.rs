@@ -14,7 +14,7 @@
 use kmsbastion::audit::{Audit, Event};
 use kmsbastion::authorized_keys::{authorized_keys, OfferedKey};
 use kmsbastion::config::{Config, DEFAULT_CONFIG_PATH};
-use kmsbastion::grant::{self, Decision};
+use kmsbastion::grant::{self, Decision, DenyReason};
 use kmsbastion::login::Login;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     let now = SystemTime::now();
     let lines = authorized_keys(&cfg, &args.user, offered, now);
     if lines.is_empty() {
-        audit_refusal(&cfg, &args.user, now);
+        audit_refusal(&cfg, &args.user, args.offered.as_ref(), now);
         return ExitCode::SUCCESS;
     }
     let mut out = lines.join("\n");
@@ -116,20 +116,32 @@ fn main() -> ExitCode {
 /// jump host logs reason, rule"). Wrong-source refusals are not seen here (the keys then carry
 /// the grant's `from=` and sshd logs the mismatch itself); unknown engineers are not audited
 /// (any scanner can try names).
-fn audit_refusal(cfg: &Config, user: &str, now: SystemTime) {
+fn audit_refusal(cfg: &Config, user: &str, offered: Option<&(String, String)>, now: SystemTime) {
     let Ok(Login::Composite(login)) = Login::parse(user) else {
         return;
     };
     let Some(engineer) = cfg.engineer(&login.engineer) else {
         return;
     };
-    if engineer.public_keys().is_empty() {
+    let keys = engineer.public_keys();
+    if keys.is_empty() {
         return;
     }
+    // Clients offer several keys in turn: one that is not the engineer's is a mismatch, not a
+    // refusal (the engineer's own key, offered next, may well be accepted).
+    if let Some((key_type, base64)) = offered {
+        if !keys
+            .iter()
+            .any(|k| &k.key_type == key_type && &k.base64 == base64)
+        {
+            return;
+        }
+    }
     let reason = match grant::evaluate(cfg, &login, None, now) {
+        // Only refusals that hold whatever the source address: a rule that is live now but
+        // restricted by `from` printed its keys with `from=` and sshd judges the address.
+        Decision::Allow { .. } | Decision::Deny(DenyReason::SourceUnknown { .. }) => return,
         Decision::Deny(reason) => reason.to_string(),
-        // Allowed with an unknown source means a `from=`-restricted rule: keys were printed.
-        Decision::Allow { .. } => return,
     };
     let mut event = Event::new("refused");
     event.engineer = Some(login.engineer.clone());

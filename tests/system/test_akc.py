@@ -169,6 +169,45 @@ def test_ungranted_engineer_gets_nothing(akc):
     assert akc.lines("bob@deploy@web-01", BOB_T, BOB_K) == []
 
 
+def test_refusals_are_audited_but_key_mismatches_are_not(akc):
+    """A known engineer whose login no grant allows never reaches PAM: the AKC is the one
+    place that can record why. A key that is not the engineer's is only a mismatch (clients
+    offer several keys in turn) and must not produce a refusal."""
+    import json
+    log = akc.work / "audit.log"
+    log.write_text("")
+    os.chmod(log, 0o666)  # the command runs as nobody here (kmsbastion under sshd)
+    conf = akc.work / "audited.toml"
+    conf.write_text(CONFIG + f'\n[audit]\nfile = "{log}"\nsyslog = false\n')
+    os.chmod(conf, 0o644)
+
+    def events():
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    def lines(*args):
+        r = akc.run("--config", str(conf), *args, config=False)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        return r.stdout.splitlines()
+
+    assert lines("bob@root@web-01", BOB_T, BOB_K) == []
+    [ev] = events()
+    assert (ev["event"], ev["engineer"], ev["account"], ev["host"], ev["result"]) == \
+        ("refused", "bob", "root", "web-01", "deny")
+    assert "bob@root@web-01" in ev["reason"] and "grant" in ev["reason"], ev["reason"]
+    assert lines("alice@old@web-01", ALICE_T, ALICE_K) == []
+    assert "expired" in events()[-1]["reason"] or "not_after" in events()[-1]["reason"], events()[-1]
+    count = len(events())
+    # Mismatches and granted logins: nothing is audited.
+    assert lines("alice@root@web-01", BOB_T, BOB_K) == []
+    assert lines("alice@deploy@web-01", BOB_T, BOB_K) == []
+    assert lines("alice@root@web-01", ALICE_T, ALICE_K) != []
+    assert lines("alice@deploy@web-01", ALICE_T, ALICE_K) != []
+    # Unknown engineers (any scanner can try names) and local users are not audited either.
+    assert lines("mallory@root@web-01") == []
+    assert lines("root") == []
+    assert len(events()) == count, events()[count:]
+
+
 def test_from_restriction_is_emitted(akc):
     assert akc.lines("alice@deploy@web-01", ALICE_T, ALICE_K) == [
         f'restrict,pty,from="10.0.0.0/8,127.0.0.1" {ALICE}']
