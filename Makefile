@@ -24,6 +24,10 @@ build: deps
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	# The core as the PAM and NSS modules link it (no client feature) runs inside sshd and every
+	# process that resolves users: no unwrap, expect, panic or panicking index there.
+	$(CARGO) clippy --locked -p kmsbastion --no-default-features --lib -- -D warnings \
+		-D clippy::unwrap_used -D clippy::expect_used -D clippy::panic -D clippy::indexing_slicing
 	tests/check-licenses.py
 
 # The client and CLI integration tests drive the real emulator binary; `cargo test` only builds

@@ -9,12 +9,13 @@
 //! tests in `src/cli/keyscan.rs`, and `make lab` runs it against real targets.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+
+mod common;
 
 use kmsbastion::config::KmsSettings;
 use kmsbastion::kms::KmsClient;
@@ -29,65 +30,17 @@ const BOB_KEY: &str =
 const WEB01_HOST_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIObC5Ry7yVluV/N47AfsknQL2gSP40rg8qoRALg5VFw5";
 
-/// `target/<profile>/examples/kms-emulator`, next to this test's `deps/` directory.
-fn emulator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps/");
-    let bin = profile_dir.join("examples").join("kms-emulator");
-    assert!(
-        bin.is_file(),
-        "KMS emulator binary not found at {}: a plain `cargo test` builds it; when running only \
-         this test, build it first with `cargo build --example kms-emulator`",
-        bin.display()
-    );
-    bin
-}
-
 /// A running emulator plus a scratch directory with the credentials file and the config.
 struct Lab {
-    child: Child,
+    emulator: common::Emulator,
     url: String,
-    dir: tempfile::TempDir,
 }
 
 impl Lab {
     fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).expect("state dir");
-        let mut child = Command::new(emulator_binary())
-            .args(["--listen", "127.0.0.1:0", "--state"])
-            .arg(&state)
-            .env("ALIBABA_CLOUD_ACCESS_KEY_ID", AK_ID)
-            .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", AK_SECRET)
-            .env_remove("ALIBABA_CLOUD_SECURITY_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn kms-emulator");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next().and_then(Result::ok));
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Some(line)) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("kms-emulator did not print its listening line: {other:?}");
-            }
-        };
-        let url = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
+        let emulator = common::Emulator::start(AK_ID, AK_SECRET, None);
+        let url = emulator.url.clone();
+        let dir = &emulator.dir;
         let creds = dir.path().join("credentials");
         let mut f = std::fs::File::create(&creds).expect("create credentials");
         writeln!(
@@ -96,15 +49,15 @@ impl Lab {
         )
         .expect("write");
         std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        Lab { child, url, dir }
+        Lab { emulator, url }
     }
 
     fn credentials(&self) -> PathBuf {
-        self.dir.path().join("credentials")
+        self.emulator.dir.path().join("credentials")
     }
 
     fn config_path(&self) -> PathBuf {
-        self.dir.path().join("kmsbastion.toml")
+        self.emulator.dir.path().join("kmsbastion.toml")
     }
 
     /// The `[kms]` section pointing at this emulator (or at `endpoint`).
@@ -194,13 +147,6 @@ impl Lab {
 
     fn config(&self) -> String {
         std::fs::read_to_string(self.config_path()).expect("read config")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -550,7 +496,7 @@ fn a_malformed_config_is_exit_2_with_file_and_line_for_every_command() {
         );
         assert_eq!(lab.config(), text, "{args:?} changed a malformed file");
     }
-    let missing = run_with(&lab.dir.path().join("nope.toml"), &["grants"]);
+    let missing = run_with(&lab.emulator.dir.path().join("nope.toml"), &["grants"]);
     assert_eq!(missing.code, 2, "{missing:?}");
     assert!(missing.stderr.contains("nope.toml"), "{missing:?}");
 }

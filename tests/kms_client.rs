@@ -17,36 +17,18 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kmsbastion::config::KmsSettings;
+mod common;
+
 use kmsbastion::kms::{Filter, KmsClient, KmsError, KmsErrorKind, SecretStage};
 use serde_json::{json, Value};
 
 const AK_ID: &str = "LTAI5tTestAccessKeyId";
 const AK_SECRET: &str = "test-access-key-secret";
 
-/// `target/<profile>/examples/kms-emulator`, next to this test's `deps/` directory.
-fn emulator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps/");
-    let bin = profile_dir.join("examples").join("kms-emulator");
-    assert!(
-        bin.is_file(),
-        "KMS emulator binary not found at {}.\n\
-         It is built by a plain `cargo test` (which compiles examples); when running only this \
-         test, build it first: `cargo build --example kms-emulator` (add --release for \
-         `cargo test --release`).",
-        bin.display()
-    );
-    bin
-}
-
 /// A running emulator; killed by pid on drop.
 struct Emulator {
-    child: Child,
+    inner: common::Emulator,
     url: String,
-    dir: tempfile::TempDir,
     admin: reqwest::blocking::Client,
 }
 
@@ -56,63 +38,20 @@ impl Emulator {
     }
 
     fn start_with_token(token: Option<&str>) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).expect("state dir");
-        let mut cmd = Command::new(emulator_binary());
-        cmd.args(["--listen", "127.0.0.1:0", "--state"])
-            .arg(&state)
-            .env("ALIBABA_CLOUD_ACCESS_KEY_ID", AK_ID)
-            .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", AK_SECRET)
-            .env_remove("ALIBABA_CLOUD_SECURITY_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("emulator.log")).expect("log file"),
-            ));
-        if let Some(t) = token {
-            cmd.env("ALIBABA_CLOUD_SECURITY_TOKEN", t);
-        }
-        let mut child = cmd.spawn().expect("spawn kms-emulator");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next().and_then(Result::ok);
-            let _ = tx.send(first);
-            // Keep draining so the emulator never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let first = rx.recv_timeout(Duration::from_secs(20));
-        let line = match first {
-            Ok(Some(line)) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("kms-emulator did not print its listening line: {other:?}");
-            }
-        };
-        let url = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+        let inner = common::Emulator::start(AK_ID, AK_SECRET, token);
+        let url = inner.url.clone();
         let admin = reqwest::blocking::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(10))
             .build()
             .expect("admin client");
-        Self {
-            child,
-            url,
-            dir,
-            admin,
-        }
+        Self { inner, url, admin }
     }
 
     /// Writes a 0600 credentials file and returns `[kms]` settings that use it.
     fn settings(&self, extra: &str, secret: &str, token: Option<&str>) -> KmsSettings {
         let path = self
+            .inner
             .dir
             .path()
             .join(format!("creds-{}", rand::random::<u64>()));
@@ -165,19 +104,6 @@ impl Emulator {
             .and_then(|t| serde_json::from_str(&t).ok())
             .expect("stats JSON");
         v["calls"][action].as_u64().unwrap_or(0)
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        // Child::kill sends SIGKILL to exactly this pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            // The emulator logs one line per request: show them for the failed test.
-            let log = std::fs::read_to_string(self.dir.path().join("emulator.log"));
-            eprintln!("--- kms-emulator log ---\n{}", log.unwrap_or_default());
-        }
     }
 }
 
@@ -828,9 +754,9 @@ impl Drop for TlsProxy {
 fn https_with_configured_ca_file() {
     let (emu, plain) = emulator_with_secret();
     drop(plain);
-    let (ca, cert, key) = make_ca_and_server_cert(emu.dir.path(), "good");
-    let (other_ca, _, _) = make_ca_and_server_cert(emu.dir.path(), "other");
-    let proxy = TlsProxy::start(emu.dir.path(), &cert, &key, &emu.url);
+    let (ca, cert, key) = make_ca_and_server_cert(emu.inner.dir.path(), "good");
+    let (other_ca, _, _) = make_ca_and_server_cert(emu.inner.dir.path(), "other");
+    let proxy = TlsProxy::start(emu.inner.dir.path(), &cert, &key, &emu.url);
 
     let https_settings = |extra: &str| {
         let mut s = emu.settings(extra, AK_SECRET, None);
