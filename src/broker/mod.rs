@@ -69,6 +69,7 @@
 pub mod askpass;
 pub mod failure;
 pub mod onward;
+pub mod preconnect;
 
 use crate::audit::{self, Audit, Event};
 use crate::config::{Config, Host, HostAccount};
@@ -79,7 +80,9 @@ use crate::pam_session::{BrokerArgs, ReadyLine};
 use crate::secret::TargetSecret;
 use crate::session::{self, FrameReader, Message, Request, RequestKind, EXIT_REFUSED, REQUEST_FDS};
 use failure::{failure_for, log_detail, OnwardError, Target};
-use onward::{spawn_with_stack, Attempt, AttemptContext, ChildSlot, SMALL_STACK};
+use onward::{spawn_with_stack, Attempt, AttemptContext, AttemptRole, ChildSlot, SMALL_STACK};
+use onward::{CredCell, Supply};
+use preconnect::{Claim, Preconnect, Ready};
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
 use std::fs;
@@ -107,6 +110,13 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Stack of a request thread: the KMS call (request signing, JSON), secret parsing (PEM, RSA)
 /// and the onward ssh's bookkeeping. Far below the 2 MiB default, with a wide margin.
 pub const REQUEST_STACK: usize = 512 * 1024;
+
+/// How often the broker tries again when the target drops a connection before its banner
+/// (sshd's `MaxStartups` throttling), with jittered, doubling pauses from
+/// [`NO_BANNER_PAUSE`].
+pub const NO_BANNER_RETRIES: u32 = 4;
+/// The first pause of [`NO_BANNER_RETRIES`].
+pub const NO_BANNER_PAUSE: Duration = Duration::from_millis(150);
 
 /// Mode of `runtime_dir/s-*`: root-owned, traversable so the engineer can reach its socket.
 pub const SESSION_DIR_MODE: u32 = 0o711;
@@ -250,6 +260,8 @@ struct Broker {
     audit: Audit,
     children: Mutex<Vec<Arc<ChildSlot>>>,
     rate: Mutex<RateLimiter>,
+    /// The connection prepared for the first request.
+    pre: Arc<Preconnect>,
 }
 
 /// The broker's entry point (argv without argv\[0\]); returns the exit status.
@@ -282,6 +294,7 @@ pub fn main(argv: &[String]) -> i32 {
             }
             drop(ready);
             let broker = Arc::new(broker);
+            start_preconnect(&broker);
             serve(&broker, &listener, &lifetime);
             shutdown(&broker);
             drop(listener);
@@ -393,6 +406,7 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
         audit,
         children: Mutex::new(Vec::new()),
         rate: Mutex::new(RateLimiter::new(RATE_LIMIT, RATE_WINDOW)),
+        pre: Arc::new(Preconnect::default()),
     };
     Ok((broker, listener, session_dir, socket))
 }
@@ -653,8 +667,11 @@ fn serve(broker: &Arc<Broker>, listener: &UnixListener, lifetime: &OwnedFd) {
                 revents: 0,
             });
         }
+        // While a prepared connection waits, wake up now and then to close it when idle.
+        let timeout = if broker.pre.pending() { 500 } else { -1 };
         // SAFETY: pfds is a valid array of pollfd of the given length.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+        broker.pre.drop_idle(preconnect::IDLE);
         if r < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -733,6 +750,12 @@ impl Broker {
         }
     }
 
+    /// How long a request waits for the connection being prepared: at most what preparing
+    /// itself may take (KMS deadline, connect timeout, authentication).
+    fn preconnect_wait(&self) -> Duration {
+        Duration::from_secs(u64::from(self.connect_timeout_s) + 15)
+    }
+
     fn event(&self, name: &'static str) -> Event {
         let mut e = Event::new(name);
         e.engineer = Some(self.args.engineer.clone());
@@ -757,8 +780,7 @@ impl Broker {
         let _ = session::send(stream, &reply, &[]);
     }
 
-    /// The grant and the rate limit, checked for each request. `Ok`: the host and account as
-    /// configured now.
+    /// The grant, checked for each request. `Ok`: the host and account as configured now.
     fn admit(&self) -> Result<(Host, HostAccount), (String, Message)> {
         let refused = |line: String| Message::Failed {
             code: EXIT_REFUSED,
@@ -774,6 +796,15 @@ impl Broker {
         {
             Recheck::Allow { host, account } => (host, account),
             Recheck::Deny { line, reason } => return Err((reason, refused(line))),
+        };
+        Ok((host, account))
+    }
+
+    /// The rate limit, counted for each onward connection.
+    fn admit_rate(&self) -> Result<(), (String, Message)> {
+        let refused = |line: String| Message::Failed {
+            code: EXIT_REFUSED,
+            message: line,
         };
         let mut rate = self.rate.lock().map_err(|_| {
             (
@@ -791,7 +822,7 @@ impl Broker {
                 )),
             ));
         }
-        Ok((host, account))
+        Ok(())
     }
 }
 
@@ -855,6 +886,7 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
             return;
         }
     };
+    let prepared_matches = host == broker.host && account == broker.account;
 
     let slot = Arc::new(ChildSlot::default());
     if let Ok(mut c) = broker.children.lock() {
@@ -893,6 +925,27 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
         }
     };
 
+    let finish = |slot: &Arc<ChildSlot>| {
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        let _ = control.join();
+        if let Ok(mut c) = broker.children.lock() {
+            c.retain(|s| !Arc::ptr_eq(s, slot));
+        }
+    };
+
+    if let Err((why, reply)) = broker.admit_rate() {
+        broker.refuse_with(&writer, &why, reply);
+        finish(&slot);
+        return;
+    }
+    // The connection prepared at start, if it still fits the configuration.
+    let claim = if prepared_matches {
+        broker.pre.claim()
+    } else {
+        broker.pre.discard();
+        Claim::Nothing
+    };
+
     let started = Instant::now();
     let mut start = broker.event("connect-start");
     start.secret = Some(account.secret.clone());
@@ -902,7 +955,19 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
     let mut end = broker.event("connect-end");
     end.kind = Some(request.kind.as_str().into());
     end.secret = Some(account.secret.clone());
-    let outcome = onward_connection(broker, &host, &account, &request, &fds, &slot, &mut end);
+    let cx = RequestContext {
+        broker,
+        host: &host,
+        account: &account,
+        request: &request,
+        fds: &fds,
+        slot: &slot,
+    };
+    let outcome = match claim {
+        Claim::Connecting { cell } => use_prepared(&cx, &cell, &mut end),
+        Claim::Failed { error } => Err(error),
+        Claim::Nothing => onward_connection(&cx, &FULL, Vec::new(), &mut end),
+    };
     // The engineer's descriptors must be closed before connect exits, or sshd waits for EOF.
     drop(fds);
     end.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
@@ -929,23 +994,252 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
     };
     broker.audit.emit(&end);
     let _ = session::send(&writer, &reply, &[]);
-    let _ = writer.shutdown(std::net::Shutdown::Both);
-    let _ = control.join();
-    if let Ok(mut c) = broker.children.lock() {
-        c.retain(|s| !Arc::ptr_eq(s, &slot));
+    finish(&slot);
+}
+
+/// One request being served.
+struct RequestContext<'a> {
+    broker: &'a Broker,
+    host: &'a Host,
+    account: &'a HostAccount,
+    request: &'a Request,
+    fds: &'a [OwnedFd; 3],
+    slot: &'a ChildSlot,
+}
+
+/// Both stages, in order: ACSPrevious only when the target rejected ACSCurrent.
+const FULL: [SecretStage; 2] = [SecretStage::Current, SecretStage::Previous];
+
+/// `GetSecretValue` of a stage of the account's secret.
+fn fetch_secret(
+    broker: &Broker,
+    account: &HostAccount,
+    stage: SecretStage,
+) -> Result<crate::kms::SecretValue, OnwardError> {
+    broker
+        .kms
+        .get_secret_value(&account.secret, stage)
+        .map_err(|error| OnwardError::Kms {
+            error,
+            stage: stage.as_str(),
+        })
+}
+
+/// Parse a fetched value and check that it is for the account (`UserName`).
+fn check_secret(
+    value: &crate::kms::SecretValue,
+    account: &HostAccount,
+) -> Result<TargetSecret, OnwardError> {
+    TargetSecret::parse(value.secret_data.expose())
+        .and_then(|s| s.ensure_user(&account.name).map(|()| s))
+        .map_err(|error| OnwardError::Secret {
+            error,
+            version_id: value.version_id.clone(),
+        })
+}
+
+/// The first request on the connection prepared at start: fetch ACSCurrent now, hand it to
+/// the waiting master, run the request as its session. A rejected credential goes on with
+/// ACSPrevious on a connection of its own; a master lost on the way is replaced by one.
+fn use_prepared(
+    cx: &RequestContext<'_>,
+    cell: &CredCell,
+    end: &mut Event,
+) -> Result<u8, OnwardError> {
+    let pre = &cx.broker.pre;
+    let patience = Duration::from_secs(2);
+    let fetched = fetch_secret(cx.broker, cx.account, SecretStage::Current).and_then(|value| {
+        lock_secret_pages(value.secret_data.expose());
+        end.version_ids = vec![value.version_id.clone()];
+        check_secret(&value, cx.account).map(|secret| (secret, value))
+    });
+    let (secret, value) = match fetched {
+        Ok(v) => v,
+        Err(e) => {
+            cell.close();
+            pre.release(patience);
+            return Err(e);
+        }
+    };
+    let fingerprint = secret.fingerprint();
+    let version_id = value.version_id.clone();
+    drop(value);
+    if !cell.fill(secret.credential) {
+        // The master went away before it could use the credential.
+        pre.release(patience);
+        return onward_connection(cx, &FULL, Vec::new(), end);
+    }
+    match pre.await_ready(&cx.slot.cancelled, cx.broker.preconnect_wait()) {
+        Ready::Control(control) => {
+            let ran = run_prepared(cx, &control);
+            pre.release(patience);
+            match ran {
+                Some(r) => {
+                    end.version_id = Some(version_id);
+                    end.fingerprint = fingerprint;
+                    r
+                }
+                None => onward_connection(cx, &FULL, Vec::new(), end),
+            }
+        }
+        Ready::Failed(OnwardError::Rejected { .. }) => {
+            pre.release(patience);
+            rejected_log(cx, SecretStage::Current, &version_id);
+            onward_connection(cx, &[SecretStage::Previous], vec![version_id], end)
+        }
+        Ready::Failed(e) => {
+            pre.release(patience);
+            Err(e)
+        }
+        Ready::Gone => {
+            pre.release(patience);
+            if cx.slot.cancelled.load(Ordering::Acquire) {
+                return Err(OnwardError::Refused("hung up".into()));
+            }
+            onward_connection(cx, &FULL, Vec::new(), end)
+        }
     }
 }
 
-/// Fetch, check, connect; retry once with ACSPrevious on a rejected credential.
+fn rejected_log(cx: &RequestContext<'_>, stage: SecretStage, version_id: &str) {
+    audit::send_syslog(
+        5,
+        &format!(
+            "{}@{} rejected {} version {version_id}",
+            cx.account.name,
+            cx.host.name,
+            stage.as_str(),
+        ),
+    );
+}
+
+/// Run the request as the session of the prepared master. `None`: its control socket never
+/// appeared (the master is gone): nothing was used, the request may connect on its own.
+fn run_prepared(cx: &RequestContext<'_>, control: &Path) -> Option<Result<u8, OnwardError>> {
+    // ssh logs "Authenticated to" just before it starts listening on the control socket.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        use std::os::unix::fs::FileTypeExt;
+        if fs::symlink_metadata(control).is_ok_and(|m| m.file_type().is_socket()) {
+            break;
+        }
+        if Instant::now() >= deadline || !cx.broker.pre.master_running() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let dir = match onward::private_dir(&cx.broker.private, "m-") {
+        Ok(d) => d,
+        Err(e) => {
+            return Some(Err(OnwardError::Internal(format!(
+                "request directory: {e}"
+            ))))
+        }
+    };
+    let mux = onward::MuxContext {
+        ssh: &cx.broker.ssh,
+        dir: &dir,
+        control,
+        account: &cx.account.name,
+        address: &cx.host.address,
+        port: cx.host.port,
+        request: cx.request,
+        fds: cx.fds,
+        slot: cx.slot,
+    };
+    let r = onward::run_mux(&mux);
+    let _ = fs::remove_dir_all(&dir);
+    Some(r)
+}
+
+/// Start the connection for the first request (see [`preconnect`]): connect and verify the
+/// target now, authenticate when the request brings the credential.
+fn start_preconnect(broker: &Arc<Broker>) {
+    // The control socket must fit in a socket address; a host without pinned keys is the
+    // request's to report.
+    let probe = broker.private.join("r-0123456789abcdef").join("c");
+    if probe.as_os_str().len() > onward::MAX_CONTROL_PATH || broker.host.host_keys.is_empty() {
+        return;
+    }
+    let cell = Arc::new(CredCell::default());
+    if !broker.pre.begin(Arc::clone(&cell)) {
+        return;
+    }
+    let master = Arc::clone(&broker.pre.master);
+    if let Ok(mut c) = broker.children.lock() {
+        c.push(Arc::clone(&master));
+    }
+    let b = Arc::clone(broker);
+    if let Err(e) = spawn_with_stack(REQUEST_STACK, move || run_preconnect(&b, cell)) {
+        broker.pre.finished(None);
+        if let Ok(mut c) = broker.children.lock() {
+            c.retain(|s| !Arc::ptr_eq(s, &master));
+        }
+        audit::send_syslog(
+            4,
+            &format!("broker: cannot start the preconnect thread: {e}"),
+        );
+    }
+}
+
+/// The preconnect thread: runs the master until it exits (after its one session, when idle,
+/// or at shutdown). Audited as `preconnect` (result `used`, `unused`, `failed`, `abandoned`).
+fn run_preconnect(broker: &Arc<Broker>, cell: Arc<CredCell>) {
+    let started = Instant::now();
+    let master = Arc::clone(&broker.pre.master);
+    let error = match onward::private_dir(&broker.private, "r-") {
+        Err(e) => Some(OnwardError::Internal(format!("request directory: {e}"))),
+        Ok(dir) => {
+            let control = dir.join("c");
+            let (pre, at) = (Arc::clone(&broker.pre), control.clone());
+            let cx = AttemptContext {
+                ssh: &broker.ssh,
+                askpass_program: &broker.askpass_program,
+                dir: &dir,
+                alias: &broker.host.name,
+                address: &broker.host.address,
+                port: broker.host.port,
+                account: &broker.account.name,
+                host_keys: &broker.host.host_keys,
+                connect_timeout_s: broker.connect_timeout_s,
+                role: AttemptRole::Master {
+                    control: &control,
+                    on_authenticated: Arc::new(move || pre.ready(at.clone())),
+                },
+                slot: &master,
+            };
+            let result = onward::attempt(&cx, Supply::Later(cell));
+            let _ = fs::remove_dir_all(&dir);
+            match result {
+                Attempt::Done { .. } | Attempt::NoBanner(_) => None,
+                Attempt::Rejected => Some(OnwardError::Rejected {
+                    version_ids: Vec::new(),
+                }),
+                Attempt::Failed(e) => Some(e),
+            }
+        }
+    };
+    let detail = error.as_ref().map(log_detail);
+    let result = broker.pre.finished(error);
+    if let Ok(mut c) = broker.children.lock() {
+        c.retain(|s| !Arc::ptr_eq(s, &master));
+    }
+    let mut ev = broker.event("preconnect");
+    ev.result = Some(result.as_str().into());
+    ev.reason = detail;
+    ev.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    broker.audit.emit(&ev);
+}
+
+/// Fetch, check, connect; retry once with ACSPrevious on a rejected credential, and a few
+/// times (same secret) when the target drops the connection before its banner.
 fn onward_connection(
-    broker: &Broker,
-    host: &Host,
-    account: &HostAccount,
-    request: &Request,
-    fds: &[OwnedFd; 3],
-    slot: &ChildSlot,
+    cx: &RequestContext<'_>,
+    stages: &[SecretStage],
+    mut tried: Vec<String>,
     end: &mut Event,
 ) -> Result<u8, OnwardError> {
+    let (broker, host, account, slot) = (cx.broker, cx.host, cx.account, cx.slot);
     if host.host_keys.is_empty() {
         return Err(OnwardError::Unreachable {
             reason: "no pinned host key is configured for it; ask your bastion administrator"
@@ -953,29 +1247,20 @@ fn onward_connection(
             detail: "the host has no host_keys in the configuration".into(),
         });
     }
-    let mut tried: Vec<String> = Vec::new();
-    for stage in [SecretStage::Current, SecretStage::Previous] {
+    for &stage in stages {
         if slot.cancelled.load(Ordering::Acquire) {
             return Err(OnwardError::Refused("hung up".into()));
         }
-        let value = match broker.kms.get_secret_value(&account.secret, stage) {
+        let value = match fetch_secret(broker, account, stage) {
             Ok(v) => v,
-            Err(error) => {
-                if stage == SecretStage::Previous {
-                    // No previous version (or it cannot be fetched): the rejection stands.
-                    if !matches!(error.kind, KmsErrorKind::NotFound) {
-                        audit::send_syslog(
-                            4,
-                            &format!("GetSecretValue(ACSPrevious) failed: {error}"),
-                        );
-                    }
-                    break;
+            Err(OnwardError::Kms { error, .. }) if stage == SecretStage::Previous => {
+                // No previous version (or it cannot be fetched): the rejection stands.
+                if !matches!(error.kind, KmsErrorKind::NotFound) {
+                    audit::send_syslog(4, &format!("GetSecretValue(ACSPrevious) failed: {error}"));
                 }
-                return Err(OnwardError::Kms {
-                    error,
-                    stage: stage.as_str(),
-                });
+                break;
             }
+            Err(e) => return Err(e),
         };
         if tried.contains(&value.version_id) {
             break;
@@ -983,32 +1268,56 @@ fn onward_connection(
         lock_secret_pages(value.secret_data.expose());
         tried.push(value.version_id.clone());
         end.version_ids = tried.clone();
-        let secret = TargetSecret::parse(value.secret_data.expose())
-            .and_then(|s| s.ensure_user(&account.name).map(|()| s))
-            .map_err(|error| OnwardError::Secret {
-                error,
-                version_id: value.version_id.clone(),
-            })?;
-        drop(value);
+        let mut secret = check_secret(&value, account)?;
         let fingerprint = secret.fingerprint();
-        let dir = onward::private_dir(&broker.private, "r-")
-            .map_err(|e| OnwardError::Internal(format!("request directory: {e}")))?;
-        let cx = AttemptContext {
-            ssh: &broker.ssh,
-            askpass_program: &broker.askpass_program,
-            dir: &dir,
-            alias: &host.name,
-            address: &host.address,
-            port: host.port,
-            account: &account.name,
-            host_keys: &host.host_keys,
-            connect_timeout_s: broker.connect_timeout_s,
-            request,
-            fds,
-            slot,
+        let mut pauses = 0;
+        let result = loop {
+            let dir = onward::private_dir(&broker.private, "r-")
+                .map_err(|e| OnwardError::Internal(format!("request directory: {e}")))?;
+            let attempt_cx = AttemptContext {
+                ssh: &broker.ssh,
+                askpass_program: &broker.askpass_program,
+                dir: &dir,
+                alias: &host.name,
+                address: &host.address,
+                port: host.port,
+                account: &account.name,
+                host_keys: &host.host_keys,
+                connect_timeout_s: broker.connect_timeout_s,
+                role: AttemptRole::Request {
+                    request: cx.request,
+                    fds: cx.fds,
+                },
+                slot,
+            };
+            let result = onward::attempt(&attempt_cx, Supply::Now(secret));
+            let _ = fs::remove_dir_all(&dir);
+            match result {
+                Attempt::NoBanner(e) if pauses < NO_BANNER_RETRIES => {
+                    // Turned away before the banner (sshd's MaxStartups): nothing was sent.
+                    let pause = NO_BANNER_PAUSE * 2u32.pow(pauses)
+                        + Duration::from_millis(rand::random::<u64>() % 150);
+                    pauses += 1;
+                    audit::send_syslog(
+                        6,
+                        &format!(
+                            "{}@{}: {}, trying again in {} ms",
+                            account.name,
+                            host.name,
+                            log_detail(&e),
+                            pause.as_millis()
+                        ),
+                    );
+                    std::thread::sleep(pause);
+                    if slot.cancelled.load(Ordering::Acquire) {
+                        return Err(OnwardError::Refused("hung up".into()));
+                    }
+                    secret = check_secret(&value, account)?;
+                }
+                other => break other,
+            }
         };
-        let result = onward::attempt(&cx, secret);
-        let _ = fs::remove_dir_all(&dir);
+        drop(value);
         match result {
             Attempt::Done { status } => {
                 end.version_id = tried.last().cloned();
@@ -1016,19 +1325,10 @@ fn onward_connection(
                 return Ok(status);
             }
             Attempt::Rejected => {
-                audit::send_syslog(
-                    5,
-                    &format!(
-                        "{}@{} rejected {} version {}",
-                        account.name,
-                        host.name,
-                        stage.as_str(),
-                        tried.last().map(String::as_str).unwrap_or("?")
-                    ),
-                );
+                rejected_log(cx, stage, tried.last().map(String::as_str).unwrap_or("?"));
                 continue;
             }
-            Attempt::Failed(e) => return Err(e),
+            Attempt::Failed(e) | Attempt::NoBanner(e) => return Err(e),
         }
     }
     Err(OnwardError::Rejected { version_ids: tried })

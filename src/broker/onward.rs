@@ -10,7 +10,8 @@
 
 use super::failure::OnwardError;
 use crate::agent;
-use crate::secret::{Credential, TargetSecret};
+use crate::secret::{Credential, PrivateKey, TargetSecret};
+use crate::sensitive::SecretString;
 use crate::session::{Request, RequestKind};
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -23,7 +24,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Environment variable that puts the broker binary in askpass mode (set only in the onward
@@ -86,12 +87,26 @@ pub enum AuthOptions {
     Key { agent: PathBuf, public_key: PathBuf },
     /// Password through askpass.
     Password,
+    /// Whichever the credential turns out to be: the agent (no key file: ssh asks the agent
+    /// what it holds) or askpass.
+    Either { agent: PathBuf },
+}
+
+/// What one ssh process is for.
+#[derive(Debug, Clone, Copy)]
+pub enum SshRole<'a> {
+    /// The engineer's request, run on a connection of its own.
+    Request(&'a Request),
+    /// A connection opened ahead of the login's first request: authenticate, open no
+    /// session, and serve one multiplexed session (see [`mux_args`]) through the control
+    /// socket at this path.
+    Master(&'a Path),
 }
 
 /// Everything that decides the ssh argv.
 #[derive(Debug, Clone)]
 pub struct SshPlan<'a> {
-    pub request: &'a Request,
+    pub role: SshRole<'a>,
     pub account: &'a str,
     pub alias: &'a str,
     pub address: &'a str,
@@ -137,8 +152,6 @@ pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
         "PermitLocalCommand=no".to_owned(),
         "ProxyCommand=none".to_owned(),
         "ProxyJump=none".to_owned(),
-        "ControlMaster=no".to_owned(),
-        "ControlPath=none".to_owned(),
         "AddKeysToAgent=no".to_owned(),
         "HashKnownHosts=no".to_owned(),
         format!("ConnectTimeout={}", p.connect_timeout_s),
@@ -146,6 +159,17 @@ pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
         "BatchMode=no".to_owned(),
     ] {
         opt(&mut a, kv);
+    }
+    match p.role {
+        SshRole::Request(_) => {
+            opt(&mut a, "ControlMaster=no".into());
+            opt(&mut a, "ControlPath=none".into());
+        }
+        SshRole::Master(control) => {
+            opt(&mut a, "ControlMaster=yes".into());
+            opt(&mut a, format!("ControlPath={}", control_path(control)?));
+            opt(&mut a, "ControlPersist=no".into());
+        }
     }
     match &p.auth {
         AuthOptions::Key { agent, public_key } => {
@@ -167,26 +191,124 @@ pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
             );
             opt(&mut a, "NumberOfPasswordPrompts=1".into());
         }
+        AuthOptions::Either { agent } => {
+            opt(&mut a, format!("IdentityAgent={}", agent.display()));
+            opt(&mut a, "IdentitiesOnly=no".into());
+            opt(&mut a, "PubkeyAuthentication=yes".into());
+            opt(&mut a, "PasswordAuthentication=yes".into());
+            opt(&mut a, "KbdInteractiveAuthentication=yes".into());
+            opt(
+                &mut a,
+                "PreferredAuthentications=publickey,password,keyboard-interactive".into(),
+            );
+            opt(&mut a, "NumberOfPasswordPrompts=1".into());
+        }
     }
     a.push("-p".into());
     a.push(p.port.to_string().into());
     a.push("-l".into());
     a.push(p.account.into());
-    a.push(if p.request.pty { "-tt" } else { "-T" }.into());
-    if p.request.kind == RequestKind::Subsystem {
+    match p.role {
+        SshRole::Request(request) => push_request(&mut a, request, p.address)?,
+        SshRole::Master(_) => {
+            // No session of its own, stdin never read: it only carries the one the first
+            // request asks for.
+            for f in ["-N", "-n", "-T", "--"] {
+                a.push(f.into());
+            }
+            a.push(p.address.into());
+        }
+    }
+    Ok(a)
+}
+
+/// The tail of a request's argv: tty flag, subsystem flag, `--`, destination, command.
+fn push_request(a: &mut Vec<OsString>, request: &Request, address: &str) -> Result<(), String> {
+    a.push(if request.pty { "-tt" } else { "-T" }.into());
+    if request.kind == RequestKind::Subsystem {
         a.push("-s".into());
     }
     a.push("--".into());
-    a.push(p.address.into());
-    match p.request.kind {
+    a.push(address.into());
+    match request.kind {
         RequestKind::Shell => {}
         RequestKind::Exec | RequestKind::Subsystem => {
-            if p.request.command.contains(&0) {
+            if request.command.contains(&0) {
                 return Err("the command contains a NUL byte".into());
             }
-            a.push(OsString::from_vec(p.request.command.clone()));
+            a.push(OsString::from_vec(request.command.clone()));
         }
     }
+    Ok(())
+}
+
+/// Longest control socket path used (ssh binds `<path>.<16 random characters>` first, and
+/// `sun_path` holds 107 bytes).
+pub const MAX_CONTROL_PATH: usize = 88;
+
+/// `path` as a `ControlPath` value: no `%` or `~` expansion can apply, and short enough to
+/// bind.
+fn control_path(path: &Path) -> Result<String, String> {
+    let s = path
+        .to_str()
+        .filter(|s| s.starts_with('/') && !s.contains(['%', '~', ' ', '"', '\\']))
+        .ok_or_else(|| format!("control socket path {} is not usable", path.display()))?;
+    if s.len() > MAX_CONTROL_PATH {
+        return Err(format!("control socket path {s} is too long"));
+    }
+    Ok(s.to_owned())
+}
+
+/// argv\[1..\] of the ssh that runs a request as a session of an authenticated master
+/// (`control`, see [`SshRole::Master`]). It never connects to anything itself: should the
+/// master be gone, ssh would fall back to a connection of its own, and `ProxyCommand` makes
+/// that fail at once instead (without a credential it could not log in anyway). Its log
+/// (`-E`) only says what went wrong with the master; the session's output flows through the
+/// engineer's descriptors, which the master uses directly.
+pub fn mux_args(
+    control: &Path,
+    log: &Path,
+    request: &Request,
+    account: &str,
+    address: &str,
+    port: u16,
+) -> Result<Vec<OsString>, String> {
+    if !valid_destination(address) {
+        return Err(format!(
+            "host address {address:?} is not usable as an ssh destination"
+        ));
+    }
+    let mut a: Vec<OsString> = vec!["-F".into(), "none".into(), "-e".into(), "none".into()];
+    a.push("-E".into());
+    a.push(log.as_os_str().to_owned());
+    for kv in [
+        "LogLevel=ERROR".to_owned(),
+        "ControlMaster=no".to_owned(),
+        format!("ControlPath={}", control_path(control)?),
+        "ProxyCommand=/bin/false".to_owned(),
+        "ProxyJump=none".to_owned(),
+        "BatchMode=yes".to_owned(),
+        "StrictHostKeyChecking=yes".to_owned(),
+        "UserKnownHostsFile=/dev/null".to_owned(),
+        "GlobalKnownHostsFile=/dev/null".to_owned(),
+        "ClearAllForwardings=yes".to_owned(),
+        "ForwardAgent=no".to_owned(),
+        "ForwardX11=no".to_owned(),
+        "Tunnel=no".to_owned(),
+        "PermitLocalCommand=no".to_owned(),
+        "IdentityAgent=none".to_owned(),
+        "IdentitiesOnly=yes".to_owned(),
+        "PubkeyAuthentication=no".to_owned(),
+        "PasswordAuthentication=no".to_owned(),
+        "KbdInteractiveAuthentication=no".to_owned(),
+    ] {
+        opt(&mut a, kv);
+    }
+    a.push("-p".into());
+    a.push(port.to_string().into());
+    a.push("-l".into());
+    a.push(account.into());
+    push_request(&mut a, request, address)?;
     Ok(a)
 }
 
@@ -332,6 +454,9 @@ pub struct LogSummary {
     pub connect_error: Option<ConnectFailure>,
     /// The target sent a disconnect: nothing after it is classified.
     pub server_disconnected: bool,
+    /// The connection ended before the target's SSH banner (`kex_exchange_identification:`
+    /// closed or reset): sshd's `MaxStartups` throttling looks like this.
+    pub no_banner: bool,
     denied_prefix: String,
     fingerprint_next: bool,
 }
@@ -387,6 +512,12 @@ impl LogSummary {
             }
             LogEvent::ConnectError(reason) => {
                 if !self.authenticated {
+                    let l = strip_progname(line.trim());
+                    if l.starts_with("kex_exchange_identification: Connection closed")
+                        || l.starts_with("kex_exchange_identification: read: Connection reset")
+                    {
+                        self.no_banner = true;
+                    }
                     self.connect_error = Some(ConnectFailure {
                         reason,
                         line: line.trim_end().to_owned(),
@@ -423,6 +554,10 @@ pub enum Attempt {
     Done { status: u8 },
     /// The target rejected the credential (nothing of the engineer's stdin was read).
     Rejected,
+    /// The target closed or reset the connection before its SSH banner: sshd does that when
+    /// too many connections are starting (`MaxStartups`). Nothing was sent, no credential
+    /// offered: trying again shortly is safe.
+    NoBanner(OnwardError),
     /// Anything else: final.
     Failed(OnwardError),
 }
@@ -455,6 +590,7 @@ impl ChildSlot {
 struct CredStop {
     flag: Arc<AtomicBool>,
     askpass: Option<Arc<super::askpass::Stop>>,
+    cell: Option<Arc<CredCell>>,
 }
 
 impl CredStop {
@@ -462,6 +598,230 @@ impl CredStop {
         self.flag.store(true, Ordering::Release);
         if let Some(s) = &self.askpass {
             s.set();
+        }
+        if let Some(c) = &self.cell {
+            c.close();
+        }
+    }
+}
+
+/// The credential of an attempt: known at the start, or handed over later.
+pub enum Supply {
+    /// Serve this secret.
+    Now(TargetSecret),
+    /// ssh connects and verifies the target at once but authenticates only once the
+    /// credential is put into the cell (its agent and askpass requests wait until then).
+    /// Both key and password authentication are offered, since the secret's kind is not
+    /// known yet; whichever the credential is answers, the other declines.
+    Later(Arc<CredCell>),
+}
+
+#[derive(Default)]
+enum CellState {
+    #[default]
+    Empty,
+    Key(PrivateKey),
+    Password(SecretString),
+    /// Taken, or closed (authentication decided, ssh gone): nothing more to hand out.
+    Closed,
+}
+
+/// A credential handed from the request that fetched it to the ssh that waits for it.
+#[derive(Default)]
+pub struct CredCell {
+    state: Mutex<CellState>,
+    changed: Condvar,
+}
+
+impl std::fmt::Debug for CredCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredCell")
+    }
+}
+
+impl CredCell {
+    /// Hand the credential over; false (and the credential dropped) if the cell was closed.
+    pub fn fill(&self, credential: Credential) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        if !matches!(*st, CellState::Empty) {
+            return false;
+        }
+        *st = match credential {
+            Credential::Key(k) => CellState::Key(k),
+            Credential::Password(p) => CellState::Password(p),
+        };
+        self.changed.notify_all();
+        true
+    }
+
+    /// Nothing will be handed out any more (drops a credential still inside).
+    pub fn close(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            *st = CellState::Closed;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Wait until the cell is filled or closed, then take what `pick` accepts.
+    fn take<T>(
+        &self,
+        pick: impl Fn(&CellState) -> bool,
+        out: impl Fn(CellState) -> Option<T>,
+    ) -> Option<T> {
+        let mut st = self.state.lock().ok()?;
+        while matches!(*st, CellState::Empty) {
+            st = self.changed.wait(st).ok()?;
+        }
+        if pick(&st) {
+            out(std::mem::replace(&mut *st, CellState::Closed))
+        } else {
+            None
+        }
+    }
+
+    fn take_key(&self) -> Option<PrivateKey> {
+        self.take(
+            |s| matches!(s, CellState::Key(_)),
+            |s| match s {
+                CellState::Key(k) => Some(k),
+                _ => None,
+            },
+        )
+    }
+
+    fn take_password(&self) -> Option<SecretString> {
+        self.take(
+            |s| matches!(s, CellState::Password(_)),
+            |s| match s {
+                CellState::Password(p) => Some(p),
+                _ => None,
+            },
+        )
+    }
+}
+
+/// The threads that serve an attempt's credential.
+struct CredThreads(Vec<std::thread::JoinHandle<bool>>);
+
+impl CredThreads {
+    fn join(self) {
+        for t in self.0 {
+            let _ = t.join();
+        }
+    }
+}
+
+type Served = (
+    AuthOptions,
+    CredThreads,
+    Option<Arc<super::askpass::Stop>>,
+    Option<Arc<CredCell>>,
+);
+
+fn agent_thread(
+    listener: UnixListener,
+    key: impl FnOnce() -> Option<PrivateKey> + Send + 'static,
+    ssh_pid: &Arc<AtomicI32>,
+    stop: &Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<bool>> {
+    let (pid, stop2) = (Arc::clone(ssh_pid), Arc::clone(stop));
+    spawn_with_stack(AGENT_STACK, move || {
+        let Some(key) = key() else {
+            return false;
+        };
+        let accept = |peer: libc::pid_t| is_child_of(peer, &pid);
+        let r = agent::serve_listener(&listener, key, accept, &stop2);
+        drop(listener);
+        r.map(|s| s.signatures_made > 0).unwrap_or(false)
+    })
+}
+
+fn askpass_thread(
+    listener: UnixListener,
+    password: impl FnOnce() -> Option<SecretString> + Send + 'static,
+    ssh_pid: &Arc<AtomicI32>,
+) -> Result<(std::thread::JoinHandle<bool>, Arc<super::askpass::Stop>), std::io::Error> {
+    let ask_stop = Arc::new(super::askpass::Stop::new()?);
+    let (pid, stop2) = (Arc::clone(ssh_pid), Arc::clone(&ask_stop));
+    let t = spawn_with_stack(ASKPASS_STACK, move || match password() {
+        Some(p) => super::askpass::serve(&listener, p, &pid, &stop2),
+        None => false,
+    })?;
+    Ok((t, ask_stop))
+}
+
+fn serve_now(
+    dir: &Path,
+    secret: TargetSecret,
+    ssh_pid: &Arc<AtomicI32>,
+    flag: &Arc<AtomicBool>,
+) -> Result<Served, Attempt> {
+    match secret.credential {
+        Credential::Key(key) => {
+            let agent_path = dir.join("agent.sock");
+            let pub_path = dir.join("id.pub");
+            fs::write(&pub_path, format!("{}\n", key.public_key_openssh()))
+                .map_err(|e| internal("writing the public key", e))?;
+            let listener =
+                UnixListener::bind(&agent_path).map_err(|e| internal("agent socket", e))?;
+            let t = agent_thread(listener, move || Some(key), ssh_pid, flag)
+                .map_err(|e| internal("agent thread", e))?;
+            Ok((
+                AuthOptions::Key {
+                    agent: agent_path,
+                    public_key: pub_path,
+                },
+                CredThreads(vec![t]),
+                None,
+                None,
+            ))
+        }
+        Credential::Password(password) => {
+            let listener = UnixListener::bind(dir.join("askpass.sock"))
+                .map_err(|e| internal("askpass socket", e))?;
+            let (t, stop) = askpass_thread(listener, move || Some(password), ssh_pid)
+                .map_err(|e| internal("askpass thread", e))?;
+            Ok((
+                AuthOptions::Password,
+                CredThreads(vec![t]),
+                Some(stop),
+                None,
+            ))
+        }
+    }
+}
+
+fn serve_later(
+    dir: &Path,
+    cell: Arc<CredCell>,
+    ssh_pid: &Arc<AtomicI32>,
+    flag: &Arc<AtomicBool>,
+) -> Result<Served, Attempt> {
+    let agent_path = dir.join("agent.sock");
+    let agent_listener =
+        UnixListener::bind(&agent_path).map_err(|e| internal("agent socket", e))?;
+    let ask_listener =
+        UnixListener::bind(dir.join("askpass.sock")).map_err(|e| internal("askpass socket", e))?;
+    let c = Arc::clone(&cell);
+    let agent = agent_thread(agent_listener, move || c.take_key(), ssh_pid, flag);
+    let agent = match agent {
+        Ok(t) => t,
+        Err(e) => return Err(internal("agent thread", e)),
+    };
+    let c = Arc::clone(&cell);
+    match askpass_thread(ask_listener, move || c.take_password(), ssh_pid) {
+        Ok((t, stop)) => Ok((
+            AuthOptions::Either { agent: agent_path },
+            CredThreads(vec![agent, t]),
+            Some(stop),
+            Some(cell),
+        )),
+        Err(e) => {
+            cell.close();
+            let _ = agent.join();
+            Err(internal("askpass thread", e))
         }
     }
 }
@@ -477,10 +837,25 @@ pub struct AttemptContext<'a> {
     pub account: &'a str,
     pub host_keys: &'a [String],
     pub connect_timeout_s: u32,
-    pub request: &'a Request,
-    /// The engineer's stdin, stdout, stderr.
-    pub fds: &'a [OwnedFd; 3],
+    pub role: AttemptRole<'a>,
     pub slot: &'a ChildSlot,
+}
+
+/// What the ssh of an attempt is for.
+#[derive(Clone)]
+pub enum AttemptRole<'a> {
+    /// Run the engineer's request on the engineer's stdin, stdout, stderr.
+    Request {
+        request: &'a Request,
+        fds: &'a [OwnedFd; 3],
+    },
+    /// Open a master connection (stdio on /dev/null) with its control socket at `control`;
+    /// `on_authenticated` runs (on the log thread) once the target accepted the credential.
+    /// The attempt lasts until the master exits.
+    Master {
+        control: &'a Path,
+        on_authenticated: Arc<dyn Fn() + Send + Sync>,
+    },
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> Attempt {
@@ -497,8 +872,9 @@ fn mkfifo(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Run ssh once with `secret`. `dir` is a fresh private (0700) directory for this attempt.
-pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
+/// Run ssh once with the credential `supply` gives. `dir` is a fresh private (0700)
+/// directory for this attempt.
+pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
     let kh = cx.dir.join("known_hosts");
     if let Err(e) = fs::write(&kh, known_hosts(cx.alias, cx.host_keys)) {
         return internal("writing known_hosts", e);
@@ -531,65 +907,28 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
 
     let ssh_pid = Arc::new(AtomicI32::new(0));
     let flag = Arc::new(AtomicBool::new(false));
-    let (auth, cred_thread, askpass_stop) = match secret.credential {
-        Credential::Key(key) => {
-            let agent_path = cx.dir.join("agent.sock");
-            let pub_path = cx.dir.join("id.pub");
-            if let Err(e) = fs::write(&pub_path, format!("{}\n", key.public_key_openssh())) {
-                return internal("writing the public key", e);
-            }
-            let listener = match UnixListener::bind(&agent_path) {
-                Ok(l) => l,
-                Err(e) => return internal("agent socket", e),
-            };
-            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&flag));
-            let t = spawn_with_stack(AGENT_STACK, move || {
-                let accept = |peer: libc::pid_t| is_child_of(peer, &pid);
-                let r = agent::serve_listener(&listener, key, accept, &stop2);
-                drop(listener);
-                r.map(|s| s.signatures_made > 0).unwrap_or(false)
-            });
-            let t = match t {
-                Ok(t) => t,
-                Err(e) => return internal("agent thread", e),
-            };
-            (
-                AuthOptions::Key {
-                    agent: agent_path,
-                    public_key: pub_path,
-                },
-                t,
-                None,
-            )
-        }
-        Credential::Password(password) => {
-            let sock = cx.dir.join("askpass.sock");
-            let listener = match UnixListener::bind(&sock) {
-                Ok(l) => l,
-                Err(e) => return internal("askpass socket", e),
-            };
-            let ask_stop = match super::askpass::Stop::new() {
-                Ok(s) => Arc::new(s),
-                Err(e) => return internal("askpass stop signal", e),
-            };
-            let (pid, stop2) = (Arc::clone(&ssh_pid), Arc::clone(&ask_stop));
-            let t = spawn_with_stack(ASKPASS_STACK, move || {
-                super::askpass::serve(&listener, password, &pid, &stop2)
-            });
-            let t = match t {
-                Ok(t) => t,
-                Err(e) => return internal("askpass thread", e),
-            };
-            (AuthOptions::Password, t, Some(ask_stop))
-        }
+    let served = match supply {
+        Supply::Now(secret) => serve_now(cx.dir, secret, &ssh_pid, &flag),
+        Supply::Later(cell) => serve_later(cx.dir, cell, &ssh_pid, &flag),
+    };
+    let (auth, cred_thread, askpass_stop, cell) = match served {
+        Ok(v) => v,
+        Err(e) => return e,
     };
     let stop = CredStop {
         flag,
         askpass: askpass_stop,
+        cell,
     };
 
+    let (role, term) = match &cx.role {
+        AttemptRole::Request { request, .. } => {
+            (SshRole::Request(request), request.term.as_deref())
+        }
+        AttemptRole::Master { control, .. } => (SshRole::Master(control), None),
+    };
     let plan = SshPlan {
-        request: cx.request,
+        role,
         account: cx.account,
         alias: cx.alias,
         address: cx.address,
@@ -604,7 +943,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
         Ok(a) => a,
         Err(e) => {
             finish_cred(&stop);
-            let _ = cred_thread.join();
+            cred_thread.join();
             return Attempt::Failed(OnwardError::Refused(e));
         }
     };
@@ -614,59 +953,38 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
         .env("PATH", "/usr/bin:/bin")
         .env("HOME", cx.dir)
         .env("LANG", "C.UTF-8")
-        .env("TERM", validated_term(cx.request.term.as_deref()))
+        .env("TERM", validated_term(term))
         .current_dir(cx.dir);
-    if auth == AuthOptions::Password {
+    if matches!(auth, AuthOptions::Password | AuthOptions::Either { .. }) {
         cmd.env("SSH_ASKPASS", cx.askpass_program)
             .env("SSH_ASKPASS_REQUIRE", "force")
             .env(ASKPASS_ENV, cx.dir.join("askpass.sock"));
     }
-    let stdio: Result<Vec<OwnedFd>, _> = cx.fds.iter().map(OwnedFd::try_clone).collect();
-    let mut stdio = match stdio {
-        Ok(v) => v.into_iter(),
-        Err(e) => {
-            finish_cred(&stop);
-            let _ = cred_thread.join();
-            return internal("duplicating the session descriptors", e);
-        }
-    };
-    if let (Some(i), Some(o), Some(e)) = (stdio.next(), stdio.next(), stdio.next()) {
-        cmd.stdin(Stdio::from(i))
-            .stdout(Stdio::from(o))
-            .stderr(Stdio::from(e));
-    }
-    // The broker's pid, for the child to check that it was not orphaned before the
-    // parent-death signal was armed.
-    let broker_pid = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit,
-    // sigemptyset, sigprocmask, signal). If the broker thread waiting for this ssh dies, the
-    // kernel kills ssh (no onward session outlives its broker); if the broker died before
-    // PR_SET_PDEATHSIG took effect, the child sees a different parent and exits. And ssh must
-    // not inherit the broker's blocked SIGHUP/SIGTERM/SIGINT or ignored SIGPIPE, or a hangup
-    // would not end it.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            if libc::getppid() != broker_pid {
-                libc::_exit(1);
+    match &cx.role {
+        AttemptRole::Request { fds, .. } => {
+            if let Err(e) = engineer_stdio(&mut cmd, fds) {
+                finish_cred(&stop);
+                cred_thread.join();
+                return internal("duplicating the session descriptors", e);
             }
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            Ok(())
-        });
+        }
+        AttemptRole::Master { .. } => {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
     }
+    tie_to_broker(&mut cmd);
 
     // Start the log reader before ssh so nothing blocks on a full FIFO.
     let summary = Arc::new(Mutex::new(LogSummary::new(cx.account, cx.address)));
     let (sum2, stop3) = (Arc::clone(&summary), stop.clone());
+    let on_authenticated = match &cx.role {
+        AttemptRole::Master {
+            on_authenticated, ..
+        } => Some(Arc::clone(on_authenticated)),
+        AttemptRole::Request { .. } => None,
+    };
     let reader = spawn_with_stack(SMALL_STACK, move || {
         let mut r = BufReader::new(log_r);
         let mut line = Vec::new();
@@ -676,10 +994,18 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&line);
-                    let decided = sum2.lock().map(|mut s| s.absorb(&text)).unwrap_or(false);
+                    let (decided, authenticated) = sum2
+                        .lock()
+                        .map(|mut s| (s.absorb(&text), s.authenticated))
+                        .unwrap_or((false, false));
                     if decided {
                         // Authentication is over, either way: let go of the credential.
                         stop3.set();
+                        if authenticated {
+                            if let Some(f) = &on_authenticated {
+                                f();
+                            }
+                        }
                     }
                 }
             }
@@ -690,7 +1016,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
         Ok(r) => r,
         Err(e) => {
             finish_cred(&stop);
-            let _ = cred_thread.join();
+            cred_thread.join();
             return internal("log reader thread", e);
         }
     };
@@ -719,14 +1045,14 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
         None => {
             finish_cred(&stop);
             drop(log_w);
-            let _ = cred_thread.join();
+            cred_thread.join();
             let _ = reader.join();
             return Attempt::Failed(OnwardError::Refused("hung up before the connection".into()));
         }
         Some(Err(e)) => {
             finish_cred(&stop);
             drop(log_w);
-            let _ = cred_thread.join();
+            cred_thread.join();
             let _ = reader.join();
             return internal(&format!("running {}", cx.ssh.display()), e);
         }
@@ -738,7 +1064,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     finish_cred(&stop);
     drop(log_w);
     let _ = reader.join();
-    let _ = cred_thread.join();
+    cred_thread.join();
     let summary = summary.lock().map(|s| s.clone()).unwrap_or_default();
     let code = exit_code(status);
     if summary.authenticated {
@@ -755,6 +1081,7 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
     } else if summary.denied {
         Attempt::Rejected
     } else {
+        let no_banner = summary.no_banner;
         let (reason, detail) = match summary.connect_error {
             Some(c) => (c.reason, c.line),
             None => (
@@ -762,11 +1089,143 @@ pub fn attempt(cx: &AttemptContext<'_>, secret: TargetSecret) -> Attempt {
                 format!("ssh ended with status {code} before authenticating"),
             ),
         };
-        Attempt::Failed(OnwardError::Unreachable {
+        let error = OnwardError::Unreachable {
             reason: reason.to_owned(),
             detail,
-        })
+        };
+        if no_banner {
+            Attempt::NoBanner(error)
+        } else {
+            Attempt::Failed(error)
+        }
     }
+}
+
+/// The engineer's stdin, stdout and stderr (duplicated) as the child's.
+fn engineer_stdio(cmd: &mut Command, fds: &[OwnedFd; 3]) -> std::io::Result<()> {
+    let [i, o, e] = fds;
+    cmd.stdin(Stdio::from(i.try_clone()?))
+        .stdout(Stdio::from(o.try_clone()?))
+        .stderr(Stdio::from(e.try_clone()?));
+    Ok(())
+}
+
+/// Make a child of the broker die with the thread that waits for it, and start with default
+/// signal handling.
+fn tie_to_broker(cmd: &mut Command) {
+    // The broker's pid, for the child to check that it was not orphaned before the
+    // parent-death signal was armed.
+    let broker_pid = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit,
+    // sigemptyset, sigprocmask, signal). If the broker thread waiting for this ssh dies, the
+    // kernel kills ssh (no onward session outlives its broker); if the broker died before
+    // PR_SET_PDEATHSIG took effect, the child sees a different parent and exits. And ssh must
+    // not inherit the broker's blocked SIGHUP/SIGTERM/SIGINT or ignored SIGPIPE, or a hangup
+    // would not end it.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            if libc::getppid() != broker_pid {
+                libc::_exit(1);
+            }
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+}
+
+/// Fixed inputs of a request run as a session of a prepared master connection.
+pub struct MuxContext<'a> {
+    pub ssh: &'a Path,
+    /// A fresh private directory for this run (its log).
+    pub dir: &'a Path,
+    pub control: &'a Path,
+    pub account: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub request: &'a Request,
+    pub fds: &'a [OwnedFd; 3],
+    pub slot: &'a ChildSlot,
+}
+
+/// Lines of the multiplexing client's log that mean the master could not serve the session
+/// (its connection is gone), as opposed to a session that ended with status 255.
+fn master_lost_line(log: &str) -> Option<&str> {
+    log.lines().map(str::trim).find(|l| {
+        let l = strip_progname(l);
+        l.starts_with("Control socket connect(")
+            || l.contains("master hello exchange failed")
+            || l.starts_with("mux_client_")
+            || l.starts_with("kex_exchange_identification: ")
+            || l.starts_with("Connection closed by ")
+    })
+}
+
+/// Run the request as a session of the master behind `control`; the session's exit status.
+/// Window changes and hangups reach this ssh through the slot; it relays window changes to
+/// the master (ssh's `control_client_sigrelay`), which reads the new size from the
+/// engineer's terminal.
+pub fn run_mux(cx: &MuxContext<'_>) -> Result<u8, OnwardError> {
+    let internal =
+        |what: &str, e: &dyn std::fmt::Display| OnwardError::Internal(format!("{what}: {e}"));
+    let log = cx.dir.join("mux.log");
+    let args = mux_args(
+        cx.control, &log, cx.request, cx.account, cx.address, cx.port,
+    )
+    .map_err(OnwardError::Refused)?;
+    let mut cmd = Command::new(cx.ssh);
+    cmd.args(&args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", cx.dir)
+        .env("LANG", "C.UTF-8")
+        .env("TERM", validated_term(cx.request.term.as_deref()))
+        .current_dir(cx.dir);
+    engineer_stdio(&mut cmd, cx.fds)
+        .map_err(|e| internal("duplicating the session descriptors", &e))?;
+    tie_to_broker(&mut cmd);
+    let started = {
+        let mut guard = cx
+            .slot
+            .pid
+            .lock()
+            .map_err(|_| internal("child slot", &"poisoned"))?;
+        if cx.slot.cancelled.load(Ordering::Acquire) {
+            return Err(OnwardError::Refused("hung up before the connection".into()));
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| internal(&format!("running {}", cx.ssh.display()), &e))?;
+        *guard = Some(i32::try_from(child.id()).unwrap_or(0));
+        child
+    };
+    drop(cmd);
+    let mut child = started;
+    let status = reap(&mut child, cx.slot).map_err(|e| internal("waiting for ssh", &e))?;
+    let code = exit_code(status);
+    if code == 255 {
+        let mut text = String::new();
+        if let Ok(f) = File::open(&log) {
+            use std::io::Read as _;
+            let _ = f.take(64 * 1024).read_to_string(&mut text);
+        }
+        if let Some(line) = master_lost_line(&text) {
+            return Err(OnwardError::Unreachable {
+                reason: "the connection to the target was lost".into(),
+                detail: format!("prepared connection unusable: {line}"),
+            });
+        }
+    }
+    Ok(code)
 }
 
 /// Block until `child` (the slot's ssh) has ended, then clear the slot and reap it in one
@@ -881,7 +1340,7 @@ mod tests {
 
     fn plan<'a>(r: &'a Request, auth: AuthOptions) -> SshPlan<'a> {
         SshPlan {
-            request: r,
+            role: SshRole::Request(r),
             account: "root",
             alias: "web-01",
             address: "127.0.0.2",
@@ -950,6 +1409,81 @@ mod tests {
         let a = strs(&ssh_args(&plan(&r, AuthOptions::Password)).unwrap());
         let n = a.len();
         assert_eq!(&a[n - 5..], ["-T", "-s", "--", "127.0.0.2", "sftp"]);
+    }
+
+    #[test]
+    fn master_args_open_no_session_and_listen_on_the_control_socket() {
+        let r = req(RequestKind::Shell, true, "");
+        let mut p = plan(&r, AuthOptions::Password);
+        let ctl = Path::new("/run/k/p/r-1/c");
+        p.role = SshRole::Master(ctl);
+        let a = strs(&ssh_args(&p).unwrap());
+        let n = a.len();
+        assert_eq!(&a[n - 5..], ["-N", "-n", "-T", "--", "127.0.0.2"]);
+        for must in [
+            "ControlMaster=yes",
+            "ControlPath=/run/k/p/r-1/c",
+            "ControlPersist=no",
+            "StrictHostKeyChecking=yes",
+            "ClearAllForwardings=yes",
+        ] {
+            assert!(a.iter().any(|x| x == must), "missing {must}: {a:?}");
+        }
+        assert!(!a.iter().any(|x| x == "ControlPath=none" || x == "-tt"));
+        // ssh would expand %-tokens in a control path; a long one cannot be bound.
+        p.role = SshRole::Master(Path::new("/run/k/%h/c"));
+        assert!(ssh_args(&p).is_err());
+        let long = format!("/run/{}/c", "x".repeat(MAX_CONTROL_PATH));
+        p.role = SshRole::Master(Path::new(&long));
+        assert!(ssh_args(&p).is_err());
+    }
+
+    #[test]
+    fn mux_args_never_connect_on_their_own_and_keep_the_command_whole() {
+        let ctl = Path::new("/run/k/p/r-1/c");
+        let log = Path::new("/run/k/p/m-1/mux.log");
+        let r = req(RequestKind::Exec, false, "echo $HOME; id");
+        let a = strs(&mux_args(ctl, log, &r, "root", "127.0.0.2", 2222).unwrap());
+        let n = a.len();
+        assert_eq!(&a[n - 4..], ["-T", "--", "127.0.0.2", "echo $HOME; id"]);
+        for must in [
+            "ControlMaster=no",
+            "ControlPath=/run/k/p/r-1/c",
+            "ProxyCommand=/bin/false",
+            "BatchMode=yes",
+            "IdentityAgent=none",
+            "PasswordAuthentication=no",
+            "PubkeyAuthentication=no",
+            "ForwardAgent=no",
+        ] {
+            assert!(a.iter().any(|x| x == must), "missing {must}: {a:?}");
+        }
+        let p = a.iter().position(|x| x == "-p").unwrap();
+        assert_eq!(a[p + 1], "2222");
+        let r = req(RequestKind::Subsystem, true, "sftp");
+        let a = strs(&mux_args(ctl, log, &r, "root", "web", 22).unwrap());
+        let n = a.len();
+        assert_eq!(&a[n - 5..], ["-tt", "-s", "--", "web", "sftp"]);
+        assert!(mux_args(ctl, log, &r, "root", "-oProxyCommand=x", 22).is_err());
+    }
+
+    #[test]
+    fn a_connection_dropped_before_the_banner_is_marked_retryable() {
+        let mut s = LogSummary::new("root", "127.0.0.2");
+        s.absorb("kex_exchange_identification: read: Connection reset by peer\n");
+        s.absorb("Connection reset by 127.0.0.2 port 22\n");
+        assert!(s.no_banner && !s.authenticated);
+        let mut s = LogSummary::new("root", "127.0.0.2");
+        s.absorb("ssh: kex_exchange_identification: Connection closed by remote host\n");
+        assert!(s.no_banner);
+        let mut s = LogSummary::new("root", "127.0.0.2");
+        s.absorb("ssh: connect to host 127.0.0.2 port 22: Connection refused\n");
+        assert!(!s.no_banner);
+        assert_eq!(
+            master_lost_line("Control socket connect(/run/k/c): No such file or directory\n"),
+            Some("Control socket connect(/run/k/c): No such file or directory")
+        );
+        assert_eq!(master_lost_line("bash: line 1: oops\n"), None);
     }
 
     #[test]

@@ -201,6 +201,49 @@ def test_two_channels_over_one_multiplexed_connection(world, audit_mark):
     assert sorted(e["exit_status"] for e in connect_ends(world, audit_mark, engineer="alice")) == [11, 12]
 
 
+def test_first_request_rides_the_connection_prepared_at_login(world, audit_mark):
+    """While sshd is still setting up the session, the broker already connects to the target
+    and verifies its host key; the first request fetches the credential, which authenticates
+    that connection, and runs as its one session: still one KMS fetch at request time, one
+    onward connection, the same audit record."""
+    before = world.kms_stats().get("GetSecretValue", 0)
+    r = world.ssh(world.login("alice", "web-01"), "echo $SSH_CONNECTION; exit 5")
+    assert r.returncode == 5, r.stderr
+    assert r.stdout.split()[2:] == ["127.0.0.2", "22"]
+    assert world.kms_stats().get("GetSecretValue", 0) - before == 1
+    events = world.audit_since(audit_mark)
+    assert [e["result"] for e in events if e.get("event") == "preconnect"] == ["used"], events
+    end = connect_ends(world, audit_mark, engineer="alice")[-1]
+    assert end["result"] == "ok" and end["exit_status"] == 5
+    assert end["version_id"] == world.kms.get_secret_value("acs/ecs/web-01/root")["VersionId"]
+    assert end["fingerprint"].startswith("SHA256:")
+    # The password target the same way.
+    r = world.ssh(world.login("alice", "web-02"), "id -un")
+    assert (r.returncode, r.stdout) == (0, "deploy\n"), r.stderr
+    assert [e["result"] for e in world.audit_since(audit_mark) if e.get("event") == "preconnect"] == ["used", "used"]
+
+
+def test_a_prepared_connection_nobody_uses_is_closed(world, audit_mark):
+    """A login that never asks for a session (``ssh -N``) leaves the prepared connection
+    waiting for a credential it never gets (nothing is fetched): the broker closes it after
+    15 s and says so."""
+    before = world.kms_stats().get("GetSecretValue", 0)
+    login = world.login("alice", "web-02")
+    idle = subprocess.Popen(world.ssh_argv(login, extra_opts=["-N"]), env=world.client_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def closed():
+            return [e for e in world.audit_since(audit_mark) if e.get("event") == "preconnect"]
+        world.wait_for(lambda: closed(), timeout=40, what="the idle prepared connection to be closed")
+        assert [e["result"] for e in closed()] == ["unused"]
+        assert not connect_ends(world, audit_mark, engineer="alice")
+        assert world.kms_stats().get("GetSecretValue", 0) == before
+        assert idle.poll() is None, "the engineer's own connection stays up"
+    finally:
+        idle.terminate()
+        idle.wait(timeout=15)
+
+
 def test_plain_login_lists_what_the_engineer_may_reach(world):
     r = world.ssh("alice")
     out = r.stdout + r.stderr
