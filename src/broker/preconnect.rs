@@ -313,12 +313,23 @@ impl Preconnect {
     /// End the master after its session (or when the request gives up on it) and wait until
     /// it is gone: it holds the engineer's descriptors until then, and sshd waits for their
     /// EOF.
+    ///
+    /// SIGTERM is repeated: OpenSSH's client loop (9.2) checks its quit flag before a plain
+    /// `poll(2)`, so a signal landing between the two is only acted upon at the next wake-up
+    /// (up to `ServerAliveInterval` later); another signal interrupts that poll.
     pub fn release(&self, patience: Duration) {
-        self.stop_master();
-        if !self.wait_done(patience) {
-            self.master.signal(libc::SIGKILL);
-            self.wait_done(patience);
+        let deadline = Instant::now() + patience;
+        loop {
+            self.stop_master();
+            if self.wait_done(Duration::from_millis(25)) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
         }
+        self.master.signal(libc::SIGKILL);
+        self.wait_done(patience);
     }
 
     fn wait_done(&self, patience: Duration) -> bool {
