@@ -19,7 +19,11 @@ cost.
 
 The concurrency test starts N bastion logins at once (threads released by one barrier) while a
 sampler reads ``VmHWM``/``VmRSS`` of every ``kmsbastion-broker`` process from ``/proc`` every
-few milliseconds, and counts the emulator's ``GetSecretValue`` calls (stats reset before).
+few milliseconds, and counts the emulator's ``GetSecretValue`` calls (stats reset before). The
+jump sshd runs with the shipped drop-in, as ``kmsbastion enable`` installs it (its
+``MaxStartups 100:30:200`` included), or, for comparison, with the drop-in as
+``enable --keep-max-startups`` installs it (OpenSSH's built-in ``10:30:100``); the targets
+always keep stock sshd settings.
 """
 
 from __future__ import annotations
@@ -42,41 +46,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "system")
 from world import SSH, World, WorldError, _write, ssh_keygen  # noqa: E402
 
 
+#: How the jump sshd's MaxStartups is set up for a concurrency run.
+JUMP_DROP_IN = "drop-in"  # the shipped drop-in as `kmsbastion enable` installs it
+JUMP_STOCK = "stock"  # the drop-in without its MaxStartups line (`--keep-max-startups`)
+
+
 class BenchWorld(World):
     """The system tests' World, plus what the reference measurements need (static
-    credentials, a client configuration) and, on request, a larger sshd ``MaxStartups``."""
+    credentials, a client configuration) and a way to run the jump sshd without the drop-in's
+    ``MaxStartups`` for comparison."""
 
-    def __init__(self, *args, max_startups: Optional[str] = None, **kw):
+    def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.max_startups = max_startups
+        self.jump_setup = JUMP_DROP_IN
 
-    # -- sshd MaxStartups (global keyword: goes before any Include/Match) ---------------------
-    def _target_config(self, t) -> str:  # noqa: D401 - extends World's
-        text = super()._target_config(t)
-        return (f"MaxStartups {self.max_startups}\n" + text) if self.max_startups else text
+    def _drop_in_path(self) -> Path:
+        return self.root / "jump" / "sshd_config.d" / "00-kmsbastion.conf"
 
-    def _configure_jump(self) -> None:
-        super()._configure_jump()
-        if self.max_startups:
-            cfg = self.root / "jump" / "sshd_config"
-            cfg.write_text(f"MaxStartups {self.max_startups}\n" + cfg.read_text())
-
-    def set_max_startups(self, value: Optional[str]) -> None:
-        """Rewrites MaxStartups of the jump and target sshd and reloads them (SIGHUP: sshd
-        re-executes itself with the same pid)."""
-        self.max_startups = value
-        paths = [self.root / "jump" / "sshd_config"] + [t.dir / "sshd_config" for t in self.targets.values()]
-        for p in paths:
-            lines = [l for l in p.read_text().splitlines() if not l.startswith("MaxStartups ")]
-            if value:
-                lines.insert(0, f"MaxStartups {value}")
-            p.write_text("\n".join(lines) + "\n")
-        for name in ["sshd-jump"] + [f"sshd-{t}" for t in self.targets]:
-            self.daemons[name].process.send_signal(signal.SIGHUP)
+    def set_jump_max_startups(self, setup: str) -> str:
+        """Installs the drop-in on the jump host with (``JUMP_DROP_IN``) or without
+        (``JUMP_STOCK``: the line commented out, as ``kmsbastion enable --keep-max-startups``
+        does) its MaxStartups line, reloads the jump sshd (SIGHUP: it re-executes itself with
+        the same pid) and returns the effective value as ``sshd -T`` shows it. The targets
+        are not touched."""
+        path = self._drop_in_path()
+        lines = path.read_text().splitlines(keepends=True)
+        out = []
+        for line in lines:
+            if setup == JUMP_STOCK and re.match(r"MaxStartups \d", line):
+                out.append("# " + line)
+            elif setup == JUMP_DROP_IN and re.match(r"# MaxStartups \d", line):
+                out.append(line[2:])
+            else:
+                out.append(line)
+        path.write_text("".join(out))
+        self.jump_setup = setup
+        self.daemons["sshd-jump"].process.send_signal(signal.SIGHUP)
         time.sleep(0.5)
-        for name, t in [("sshd-jump", None)] + [(f"sshd-{t}", t) for t in self.targets]:
-            addr = self.jump_addr if t is None else self.targets[t].address
-            self.wait_for(lambda a=addr: _banner(a), timeout=10, what=f"{name} after reload")
+        self.wait_for(lambda: _banner(self.jump_addr), timeout=10, what="sshd-jump after reload")
+        return self.jump_max_startups()
+
+    def jump_max_startups(self) -> str:
+        """The jump sshd's effective MaxStartups (``sshd -T``)."""
+        return self.sshd_effective("admin").get("maxstartups", "?")
+
+    def target_max_startups(self, target: str) -> str:
+        """A target sshd's effective MaxStartups (``sshd -T -f`` of its configuration)."""
+        import subprocess
+
+        from world import SSHD
+
+        r = subprocess.run([SSHD, "-T", "-f", str(self.targets[target].dir / "sshd_config"), "-C",
+                            f"user=root,host=client,addr={self.jump_addr}"],
+                           capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            if line.startswith("maxstartups "):
+                return line.split()[1]
+        return "?"
 
 
 def _banner(addr: str) -> bool:
@@ -305,10 +331,18 @@ class ConcurrencyResult:
     getsecretvalue: int
     brokers: dict
     wall: float
-    max_startups: Optional[str]
+    #: ``JUMP_DROP_IN`` or ``JUMP_STOCK``.
+    jump_setup: str
+    #: Effective MaxStartups of the jump and of the target sshd (``sshd -T``).
+    jump_max_startups: str
+    target_max_startups: str
     #: Onward connections the brokers started (``connect-start`` audit events).
     onward: int
     variant: str = "bastion"
+    #: Failures by the client's last stderr line (the message an engineer sees), most first.
+    causes: list = field(default_factory=list)
+    #: Failures by the sshd that refused them: {"jump": n, "target": n, "other": n}.
+    hops: dict = field(default_factory=dict)
 
     @property
     def broker_peak_mib(self) -> float:
@@ -324,6 +358,29 @@ class ConcurrencyResult:
     @property
     def gsv_per_connection(self) -> float:
         return self.getsecretvalue / self.onward if self.onward else float("nan")
+
+
+def failed_hop(variant: str, rc: Optional[int], stderr: str) -> str:
+    """Which sshd refused a failed login: ``jump``, ``target`` or ``other``.
+
+    bastion: the client talks only to the jump sshd, so a ``kex_exchange_identification``
+    error (exit 255) is the jump's; the broker reports a target that dropped the onward
+    connection as ``connection reset by the target`` (exit 75). ProxyJump: a jump that drops
+    the connection makes both the inner ``ssh -W`` and the client report a
+    ``kex_exchange_identification`` error; a target that drops it only the client (the jump
+    hop had authenticated and opened the channel)."""
+    kex = stderr.count("kex_exchange_identification")
+    if variant == "bastion":
+        if rc == 255 and kex:
+            return "jump"
+        if "by the target" in stderr:
+            return "target"
+        return "other"
+    if kex >= 2:
+        return "jump"
+    if kex == 1:
+        return "target"
+    return "other"
 
 
 def concurrency(ref: Reference, n: int, target: str = "web-01", variant: str = "bastion",
@@ -359,16 +416,26 @@ def concurrency(ref: Reference, n: int, target: str = "web-01", variant: str = "
     s = Samples(f"{n} concurrent {variant} logins → {target}")
     failures = 0
     errors = []
+    causes: dict[str, int] = {}
+    hops = {"jump": 0, "target": 0, "other": 0}
     for i, r in enumerate(results):
         if r is not None and r[1] == 0:
             s.values.append(r[0])
         else:
             failures += 1
+            text = (ref.dir / f"stderr-conc-{i}").read_text(errors="replace").strip()
+            last = text.splitlines()[-1] if text else "(no message)"
+            cause = f"exit {r[1] if r else 'none'}: {last}"
+            causes[cause] = causes.get(cause, 0) + 1
+            hops[failed_hop(variant, r[1] if r else None, text)] += 1
             if len(errors) < 8:
-                text = (ref.dir / f"stderr-conc-{i}").read_text(errors="replace").strip()
                 errors.append(f"login {i}: exit {r[1] if r else 'none'}: {text[-300:]}")
-    res = ConcurrencyResult(n, s, failures, errors, gsv, sampler.peak, wall, ref.w.max_startups, onward, variant)
-    log(f"concurrency ({n} {variant}, MaxStartups {ref.w.max_startups or 'default'}): {failures} failed, "
+    jump_ms, target_ms = ref.w.jump_max_startups(), ref.w.target_max_startups(target)
+    res = ConcurrencyResult(n, s, failures, errors, gsv, sampler.peak, wall, ref.w.jump_setup, jump_ms,
+                            target_ms, onward, variant,
+                            sorted(causes.items(), key=lambda kv: (-kv[1], kv[0])), hops)
+    log(f"concurrency ({n} {variant}, jump MaxStartups {jump_ms} ({ref.w.jump_setup}), target {target_ms}): "
+        f"{failures} failed (jump {hops['jump']}, target {hops['target']}, other {hops['other']}), "
         f"p50 {s.median * 1e3:.0f} ms p95 {s.p(0.95) * 1e3:.0f} ms, {len(sampler.peak)} brokers seen, "
         f"peak VmHWM {res.broker_peak_mib:.2f} MiB, GetSecretValue {gsv} for {onward} onward connections")
     return res

@@ -41,7 +41,7 @@
 //! (`LOGNAME`) may reach now from the `SSH_CONNECTION` source, with the exact `ssh` command
 //! for each (jump address and port from `SSH_CONNECTION`), and exits 0.
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, Scope, DEFAULT_CONFIG_PATH};
 use crate::login::Login;
 use crate::session::{
     self, FrameReader, Message, Request, RequestKind, EXIT_INTERNAL, EXIT_MISCONFIGURED, EXIT_USAGE,
@@ -258,7 +258,8 @@ fn list_reachable(env: &ConnectEnv) -> u8 {
         eprintln!("cannot tell who you are (LOGNAME is not set)");
         return EXIT_USAGE;
     };
-    let cfg = match Config::load(Path::new(DEFAULT_CONFIG_PATH)) {
+    let cfg = match Config::load_scoped(Path::new(DEFAULT_CONFIG_PATH), Scope::Engineer(&engineer))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cannot read the bastion configuration: {e}");

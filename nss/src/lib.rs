@@ -19,7 +19,7 @@
 mod cache;
 mod pack;
 
-use kmsbastion::config::{Config, DEFAULT_CONFIG_PATH};
+use kmsbastion::config::{Config, Scope, DEFAULT_CONFIG_PATH};
 use kmsbastion::login::MAX_LOGIN_LEN;
 use kmsbastion::passwd::{self, GroupEntry, PasswdEntry};
 use libc::{c_char, c_int, c_long, gid_t, size_t, uid_t};
@@ -78,8 +78,9 @@ fn unavail(errno: c_int) -> Outcome {
     }
 }
 
-fn config() -> Result<Arc<Config>, Outcome> {
-    cache::config_at(Path::new(DEFAULT_CONFIG_PATH)).map_err(unavail)
+/// The configuration as far as one lookup needs it (see `cache`).
+fn config(scope: Scope<'_>) -> Result<Arc<Config>, Outcome> {
+    cache::config_for(Path::new(DEFAULT_CONFIG_PATH), scope).map_err(unavail)
 }
 
 /// Runs `body` with unwinding caught and reports its outcome through `errnop`.
@@ -222,7 +223,7 @@ pub unsafe extern "C" fn _nss_kmsbastion_getpwnam_r(
         let Some(name) = (unsafe { c_name(name) }) else {
             return NOTFOUND;
         };
-        let cfg = match config() {
+        let cfg = match config(Scope::Name(name)) {
             Ok(c) => c,
             Err(o) => return o,
         };
@@ -249,7 +250,7 @@ pub unsafe extern "C" fn _nss_kmsbastion_getpwuid_r(
     errnop: *mut c_int,
 ) -> c_int {
     let body = || {
-        let cfg = match config() {
+        let cfg = match config(Scope::Uid(uid)) {
             Ok(c) => c,
             Err(o) => return o,
         };
@@ -280,7 +281,7 @@ pub unsafe extern "C" fn _nss_kmsbastion_getgrnam_r(
         let Some(name) = (unsafe { c_name(name) }) else {
             return NOTFOUND;
         };
-        let cfg = match config() {
+        let cfg = match config(Scope::Engineers) {
             Ok(c) => c,
             Err(o) => return o,
         };
@@ -307,7 +308,7 @@ pub unsafe extern "C" fn _nss_kmsbastion_getgrgid_r(
     errnop: *mut c_int,
 ) -> c_int {
     let body = || {
-        let cfg = match config() {
+        let cfg = match config(Scope::Engineers) {
             Ok(c) => c,
             Err(o) => return o,
         };
@@ -334,7 +335,7 @@ fn start<T>(
     slot: &Mutex<Option<Enumeration<T>>>,
     entries: impl FnOnce(&Config) -> Vec<T>,
 ) -> Outcome {
-    let cfg = match config() {
+    let cfg = match config(Scope::Engineers) {
         Ok(c) => c,
         Err(o) => {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -362,7 +363,7 @@ fn next<T>(
     let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
     if guard.is_none() {
         // getpwent() without setpwent(): start implicitly, as nss_files does.
-        match config() {
+        match config(Scope::Engineers) {
             Ok(cfg) => {
                 *guard = Some(Enumeration {
                     entries: entries(&cfg),
@@ -475,7 +476,7 @@ pub unsafe extern "C" fn _nss_kmsbastion_initgroups_dyn(
         if start.is_null() || size.is_null() || groupsp.is_null() {
             return INVALID;
         }
-        let cfg = match config() {
+        let cfg = match config(Scope::Name(user)) {
             Ok(c) => c,
             Err(o) => return o,
         };

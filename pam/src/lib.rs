@@ -30,6 +30,7 @@
 )]
 
 use kmsbastion::audit::{Audit, Event};
+use kmsbastion::config::index::{self, IndexError, Loaded, Via};
 use kmsbastion::config::Config;
 use kmsbastion::login::LoginString;
 use kmsbastion::pam_session::{
@@ -142,10 +143,11 @@ fn audit_for(cfg: &Config) -> Audit {
     Audit::open(cfg.audit.file.as_deref(), cfg.audit.syslog)
 }
 
-/// Load the configuration, or decide what a broken one means for this user: composite logins
-/// fail closed, everyone else is not our business.
-fn load_config(ctx: &Context, user: &str) -> Result<Config, PamResultCode> {
-    match Config::load(&ctx.args.config) {
+/// Load the configuration (as far as this user needs it: from the lookup index when it is
+/// fresh), or decide what a broken one means for this user: composite logins fail closed,
+/// everyone else is not our business.
+fn load_config(ctx: &Context, user: &str) -> Result<Loaded, PamResultCode> {
+    match index::load_for_user(&ctx.args.config, user) {
         Ok(c) => Ok(c),
         Err(e) => {
             if pam_session::looks_composite(user) {
@@ -174,12 +176,16 @@ fn account(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
         ctx.log(libc::LOG_ERR, "no PAM_USER; refusing");
         return PamResultCode::PAM_USER_UNKNOWN;
     };
-    let cfg = match load_config(&ctx, &user) {
+    let loaded = match load_config(&ctx, &user) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let cfg = &loaded.config;
     let source = pam_session::parse_source(ctx.rhost.as_deref());
-    let outcome = pam_session::account_outcome(&cfg, &user, source, SystemTime::now());
+    let outcome = pam_session::account_outcome(cfg, &user, source, SystemTime::now());
+    if outcome != AccountOutcome::NotOurs {
+        refresh_index(&ctx, &loaded);
+    }
     let mut event = Event::new("login");
     event.service = Some(ctx.service.clone());
     event.source = ctx.rhost.clone();
@@ -192,7 +198,7 @@ fn account(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
             fill_login(&mut event, &login);
             event.result = Some("allow".into());
             event.rule = Some(rule);
-            audit_for(&cfg).emit(&event);
+            audit_for(cfg).emit(&event);
             PamResultCode::PAM_SUCCESS
         }
         AccountOutcome::Deny { login, reason } => {
@@ -209,7 +215,7 @@ fn account(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
             }
             event.result = Some("deny".into());
             event.reason = Some(reason);
-            audit_for(&cfg).emit(&event);
+            audit_for(cfg).emit(&event);
             PamResultCode::PAM_PERM_DENIED
         }
         AccountOutcome::Plain { engineer } => {
@@ -220,6 +226,30 @@ fn account(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
             ctx.debug(&format!("{user}: not a bastion login; ignoring"));
             PamResultCode::PAM_IGNORE
         }
+    }
+}
+
+/// After a bastion login had to parse the whole configuration (no fresh index), write the
+/// index from that parse, so that the next helpers of this and later logins skip it. Never
+/// affects the login: problems are only logged.
+fn refresh_index(ctx: &Context, loaded: &Loaded) {
+    if loaded.via == Via::Index {
+        return;
+    }
+    match index::refresh(&ctx.args.config, loaded) {
+        Ok(Some(built)) => ctx.debug(&format!(
+            "lookup index {} rebuilt ({} bytes)",
+            built.path.display(),
+            built.bytes
+        )),
+        Ok(None) => {}
+        Err(IndexError::Unsettled) => ctx.debug(
+            "the configuration changed moments ago; the lookup index is rebuilt by a later login",
+        ),
+        Err(e) => ctx.log(
+            libc::LOG_WARNING,
+            &format!("cannot write the lookup index (logins stay correct, only slower): {e}"),
+        ),
     }
 }
 
@@ -266,7 +296,7 @@ fn open_session(pamh: &mut PamHandle, raw: &[&CStr]) -> PamResultCode {
         return PamResultCode::PAM_SESSION_ERR;
     };
     let cfg = match load_config(&ctx, &user) {
-        Ok(c) => c,
+        Ok(c) => c.config,
         Err(PamResultCode::PAM_IGNORE) => return PamResultCode::PAM_IGNORE,
         Err(_) => return PamResultCode::PAM_SESSION_ERR,
     };

@@ -76,7 +76,9 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.is_empty() { 0 } else { 2 });
         }
     };
-    let cfg = match Config::load(&args.config) {
+    // Only the records this login needs: from the index when it is fresh, else the whole
+    // file (see `kmsbastion::config::index`).
+    let cfg = match Config::load_for_user(&args.config, &args.user) {
         Ok(c) => c,
         Err(e) => {
             eprintln!(

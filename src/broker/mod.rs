@@ -72,7 +72,7 @@ pub mod onward;
 pub mod preconnect;
 
 use crate::audit::{self, Audit, Event};
-use crate::config::{Config, Host, HostAccount};
+use crate::config::{Config, Host, HostAccount, Scope};
 use crate::grant::{self, Decision};
 use crate::kms::{KmsClient, KmsErrorKind, SecretStage};
 use crate::login::LoginString;
@@ -361,9 +361,10 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
     }
     // SAFETY: as above.
     unsafe { libc::umask(0o077) };
-    let cfg = Config::load(&args.config).map_err(|e| e.to_string())?;
     let login = LoginString::new(&args.engineer, &args.account, &args.host)
         .map_err(|e| format!("invalid login identity: {e}"))?;
+    // Only this login's part of the configuration (through the index when it is fresh).
+    let cfg = Config::load_scoped(&args.config, Scope::Login(&login)).map_err(|e| e.to_string())?;
     let engineer = cfg
         .engineer(&args.engineer)
         .ok_or_else(|| format!("unknown engineer {}", args.engineer))?;
@@ -786,12 +787,13 @@ impl Broker {
             code: EXIT_REFUSED,
             message: line,
         };
-        let cfg = Config::load(&self.args.config).map_err(|e| {
-            (
-                format!("cannot re-read the configuration: {e}"),
-                session::Failure::Internal.to_message(),
-            )
-        })?;
+        let cfg =
+            Config::load_scoped(&self.args.config, Scope::Login(&self.login)).map_err(|e| {
+                (
+                    format!("cannot re-read the configuration: {e}"),
+                    session::Failure::Internal.to_message(),
+                )
+            })?;
         let (host, account) = match recheck(&cfg, &self.login, self.args.source, SystemTime::now())
         {
             Recheck::Allow { host, account } => (host, account),

@@ -74,6 +74,10 @@ pub fn run(
     for w in cfg.warnings() {
         findings.push(Finding::new(Status::Warn, "config", w.to_string()));
     }
+    findings.push(match super::index::status(&cli.config) {
+        Ok(line) => Finding::new(Status::Ok, "index", line),
+        Err(line) => Finding::new(Status::Warn, "index", line),
+    });
 
     let kms_down: Option<KmsError> = match KmsClient::from_settings(&cfg.kms) {
         Err(e) => {

@@ -138,7 +138,8 @@ pub fn plan_and_apply(
     }
     if !dry_run {
         match doc.save(validate_edited) {
-            Ok(_) => {}
+            Ok(true) => super::index::refresh_after_edit(&cli.config),
+            Ok(false) => {}
             Err(SaveError::Invalid(e)) => {
                 return Err(CliError::Usage(format!(
                     "the configuration would not load after the import; nothing written:\n{e}"

@@ -295,7 +295,12 @@ fn pin(cli: &Cli, host: &str, keys: &[ScannedKey]) -> Result<bool, CliError> {
     let pins: Vec<String> = keys.iter().map(|k| k.openssh.clone()).collect();
     doc.set_host_keys(host, &pins)?;
     match doc.save(validate_edited) {
-        Ok(written) => Ok(written),
+        Ok(written) => {
+            if written {
+                super::index::refresh_after_edit(&cli.config);
+            }
+            Ok(written)
+        }
         Err(SaveError::Invalid(e)) => Err(CliError::Usage(format!(
             "the configuration would not load with the new host keys; nothing written:\n{e}"
         ))),

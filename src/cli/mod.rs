@@ -12,6 +12,7 @@ mod edit;
 mod explain;
 mod grants;
 mod import;
+mod index;
 mod keyscan;
 mod output;
 mod secrets;
@@ -132,9 +133,23 @@ pub enum Command {
     },
     /// Wire sshd, PAM and NSS for kmsbastion (verified with `sshd -t`/`sshd -T`, rolled back
     /// on failure).
-    Enable(EnableArgs),
+    Enable {
+        #[command(flatten)]
+        args: EnableArgs,
+        /// Never set sshd's MaxStartups: install the drop-in without its `MaxStartups
+        /// 100:30:200` (enable leaves it out anyway when a file already sets MaxStartups).
+        #[arg(long)]
+        keep_max_startups: bool,
+    },
     /// Revert exactly what `enable` changed.
     Disable(EnableArgs),
+    /// Rebuild the lookup index of the configuration (as root), so that sshd's helpers and
+    /// the NSS module do not parse a large inventory on every call.
+    Index {
+        /// Only report whether the index is fresh (exit 1 if it is not used).
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 /// `secrets` subcommands.
@@ -298,17 +313,28 @@ pub fn execute(cli: &Cli) -> Result<Outcome, CliError> {
             offline,
             json,
         } => explain::run(cli, login, *from, at.as_deref(), *offline, json.json),
-        Command::Enable(args) => enable(cli, args, true),
-        Command::Disable(args) => enable(cli, args, false),
+        Command::Enable {
+            args,
+            keep_max_startups,
+        } => enable(cli, args, Some(*keep_max_startups)),
+        Command::Disable(args) => enable(cli, args, None),
+        Command::Index { check } => index::run(cli, *check),
     }
 }
 
-fn enable(cli: &Cli, args: &EnableArgs, on: bool) -> Result<Outcome, CliError> {
+/// `enable` (`keep_max_startups` is `Some`) or `disable` (`None`).
+fn enable(
+    cli: &Cli,
+    args: &EnableArgs,
+    keep_max_startups: Option<bool>,
+) -> Result<Outcome, CliError> {
+    let on = keep_max_startups.is_some();
     let options = crate::enable::EnableOptions {
         root: args.root.clone(),
         dry_run: args.dry_run,
         sshd: args.sshd.clone(),
         config: cli.config.clone(),
+        keep_max_startups: keep_max_startups.unwrap_or(false),
     };
     let result = if on {
         crate::enable::enable(&options)

@@ -12,6 +12,7 @@
 //! engineer can never shadow or share an id with a local account.
 #![forbid(unsafe_code)]
 
+pub mod index;
 mod kms;
 mod local;
 mod raw;
@@ -19,6 +20,7 @@ mod sshkey;
 mod time;
 mod validate;
 
+pub use index::Scope;
 pub use kms::*;
 pub use local::{LocalDb, LOCAL_GROUP_PATH, LOCAL_PASSWD_PATH};
 pub use sshkey::{parse_public_key, PublicKeyLine, KEY_TYPES};

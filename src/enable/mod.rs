@@ -5,14 +5,20 @@
 //! 1. checks that the main `sshd_config` `Include`s `sshd_config.d/*.conf` (it never edits
 //!    the main file), that the helpers, the PAM module and the NSS module are installed, and
 //!    that the configuration names a bastion login to verify with;
-//! 2. installs the sshd drop-in as [`sshd::DROP_IN_PATH`], adds `kmsbastion` to the `passwd:`
-//!    and `group:` lines of `nsswitch.conf`, and wires PAM: a pam-auth-update profile plus
+//! 2. installs the sshd drop-in as [`sshd::DROP_IN_PATH`] (with `MaxStartups` sized for bursts
+//!    of logins unless the administrator set MaxStartups: see [`sshd::choose_max_startups`]),
+//!    adds `kmsbastion` to the `passwd:` and `group:` lines of `nsswitch.conf`, and wires
+//!    PAM: a pam-auth-update profile plus
 //!    `pam-auth-update --package --enable kmsbastion` where pam-auth-update exists, a marked
 //!    block in `/etc/pam.d/sshd` elsewhere;
 //! 3. verifies with `sshd -t` and `sshd -T -C user=…`: a bastion login gets every setting of
-//!    the drop-in, and local users' effective settings are byte-identical to before (the
-//!    global authentication settings are never touched, so local administrators cannot be
-//!    locked out). Any failure rolls back everything this run changed.
+//!    the drop-in, `MaxStartups` is the value decided in step 2, and local users' effective
+//!    settings are otherwise byte-identical to before (the global authentication settings are
+//!    never touched, so local administrators cannot be locked out; `MaxStartups` only
+//!    throttles connections before authentication). Any failure rolls back everything this
+//!    run changed;
+//! 4. runs `kmsbastion index` to rebuild the configuration's lookup index (a cache in
+//!    `/run`, not recorded: logins work without it, so its failure is only a note).
 //!
 //! The original image (bytes, mode, owner) of every file it changes is kept in
 //! [`state::STATE_PATH`]; `disable` restores them exactly and removes what `enable` created.
@@ -53,6 +59,8 @@ pub const LIBRARY_DIRS: [&str; 5] = [
 ];
 /// debconf's password database (`passwords.dat`, `passwords.dat-old`): never snapshotted.
 const DEBCONF_PASSWORDS: &str = "passwords.dat";
+/// The administrator's command on the target system; `enable` ends with its `index`.
+pub const KMSBASTION_BIN: &str = "/usr/bin/kmsbastion";
 /// The sshd binary used when none is given.
 pub const DEFAULT_SSHD: &str = "/usr/sbin/sshd";
 /// Host name and address used in `sshd -T -C` connection specs.
@@ -72,6 +80,9 @@ pub struct EnableOptions {
     /// The kmsbastion configuration, as a path on the target system; `enable` takes the
     /// bastion login it verifies with from it.
     pub config: PathBuf,
+    /// Never set sshd's `MaxStartups` (`--keep-max-startups`): install the drop-in without
+    /// its `MaxStartups` line even where no other file sets one.
+    pub keep_max_startups: bool,
 }
 
 impl Default for EnableOptions {
@@ -81,6 +92,7 @@ impl Default for EnableOptions {
             dry_run: false,
             sshd: PathBuf::from(DEFAULT_SSHD),
             config: PathBuf::from(crate::config::DEFAULT_CONFIG_PATH),
+            keep_max_startups: false,
         }
     }
 }
@@ -573,6 +585,7 @@ struct Preflight {
     local_users: Vec<String>,
     local_dumps: Vec<String>,
     expected: Vec<sshd::Directive>,
+    max_startups: sshd::MaxStartupsChoice,
     debian: bool,
     pam_lines: Vec<pam::PamLine>,
 }
@@ -611,7 +624,8 @@ fn enable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report, 
         }
         Ok(())
     };
-    plan_file(sshd::DROP_IN_PATH, new_file(sshd::DROP_IN))?;
+    let ours = pre.max_startups == sshd::MaxStartupsChoice::Ours;
+    plan_file(sshd::DROP_IN_PATH, new_file(&sshd::drop_in(ours)))?;
     let nss_text = target
         .read_text(NSSWITCH_PATH)?
         .ok_or_else(|| EnableError::NotInstalled {
@@ -653,6 +667,7 @@ fn enable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report, 
         dry_run: opts.dry_run,
         changes: plan.iter().map(Planned::change).collect(),
         commands: commands.clone(),
+        notes: vec![max_startups_note(&pre.max_startups, opts.dry_run)],
         ..Report::default()
     };
     if opts.dry_run {
@@ -661,10 +676,14 @@ fn enable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report, 
             pre.bastion_login,
             pre.local_users.join(", ")
         ));
+        report.notes.push(format!(
+            "and `{KMSBASTION_BIN} index` would rebuild the configuration's lookup index"
+        ));
         return Ok(report);
     }
     if plan.is_empty() && commands.is_empty() {
         report.checks = verify(opts, programs, &pre)?;
+        report.notes.push(rebuild_index(opts, &target, programs));
         if previous.is_none() {
             report.notes.push(format!(
                 "everything was already in place without a record in {STATE_PATH}, so disable \
@@ -713,7 +732,43 @@ fn enable_with(opts: &EnableOptions, programs: &dyn Programs) -> Result<Report, 
     report.notes.push(format!(
         "originals recorded in {STATE_PATH}; `kmsbastion disable` restores them"
     ));
+    report.notes.push(rebuild_index(opts, &target, programs));
     Ok(report)
+}
+
+/// Runs `kmsbastion index --config CONFIG` on the target, after a successful enable, and says
+/// how it went. The index only spares sshd's helpers the parsing of a large inventory (they
+/// fall back to the file while it is missing or stale), so a failure is a note, not a reason
+/// to roll back.
+fn rebuild_index(opts: &EnableOptions, target: &Target<'_>, programs: &dyn Programs) -> String {
+    if !target.exists(KMSBASTION_BIN) {
+        return format!(
+            "lookup index not rebuilt: {KMSBASTION_BIN} is not installed; logins parse the \
+             configuration until it is"
+        );
+    }
+    let args = [
+        "index".to_string(),
+        "--config".to_string(),
+        opts.config.to_string_lossy().into_owned(),
+    ];
+    let failed = |why: String| {
+        format!(
+            "lookup index not rebuilt ({why}); logins work without it: run `kmsbastion index` \
+             as root later"
+        )
+    };
+    match programs.run(Path::new(KMSBASTION_BIN), &args) {
+        Ok(ran) if ran.success => {
+            let said = ran.stdout.trim();
+            format!(
+                "lookup index rebuilt by `{KMSBASTION_BIN} index`: {}",
+                said.strip_prefix("index: ").unwrap_or(said)
+            )
+        }
+        Ok(ran) => failed(ran.stderr.trim().to_string()),
+        Err(e) => failed(format!("cannot run {KMSBASTION_BIN}: {e}")),
+    }
 }
 
 fn preflight(
@@ -760,6 +815,7 @@ fn preflight(
     for user in &local_users {
         local_dumps.push(dump(programs, &opts.sshd, user)?);
     }
+    let max_startups = max_startups_choice(opts, target, programs)?;
     let debian = target.exists(pam::PAM_AUTH_UPDATE);
     let pam_lines = pam::snippet_lines(pam::SNIPPET);
     Ok(Preflight {
@@ -767,6 +823,7 @@ fn preflight(
         local_users,
         local_dumps,
         expected: drop_in.conditional,
+        max_startups,
         debian,
         pam_lines,
     })
@@ -859,19 +916,100 @@ fn run(programs: &dyn Programs, program: &Path, args: &[String]) -> Result<Ran, 
 
 /// `sshd -T` for a connection by `user`.
 fn dump(programs: &dyn Programs, sshd_binary: &Path, user: &str) -> Result<String, EnableError> {
+    Ok(dump_traced(programs, sshd_binary, user, false)?.stdout)
+}
+
+/// `sshd -T` for a connection by `user`; with `trace`, also `-ddd`, whose standard error
+/// names every directive sshd applied with its file and line.
+fn dump_traced(
+    programs: &dyn Programs,
+    sshd_binary: &Path,
+    user: &str,
+    trace: bool,
+) -> Result<Ran, EnableError> {
     let spec = format!("user={user},host={CHECK_HOST},addr={CHECK_ADDR}");
-    let ran = run(
-        programs,
-        sshd_binary,
-        &["-T".to_string(), "-C".to_string(), spec],
-    )?;
+    let mut args = vec!["-T".to_string(), "-C".to_string(), spec];
+    if trace {
+        args.push("-ddd".to_string());
+    }
+    let ran = run(programs, sshd_binary, &args)?;
     if !ran.success {
         return Err(EnableError::Verification(vec![format!(
             "sshd -T for {user} failed: {}",
             ran.stderr.trim()
         )]));
     }
-    Ok(ran.stdout)
+    Ok(ran)
+}
+
+/// Whether the drop-in may set `MaxStartups` (see [`sshd::choose_max_startups`]), from sshd's
+/// own account of the files it reads (`sshd -T -ddd`) and its effective value, before any
+/// change. Reading sshd's trace rather than the files themselves means `Include` globs,
+/// nesting and order are exactly sshd's; the first-or-last-wins rule, which changed in
+/// OpenSSH 10.1, does not matter, because any line but ours counts as the administrator's.
+fn max_startups_choice(
+    opts: &EnableOptions,
+    target: &Target<'_>,
+    programs: &dyn Programs,
+) -> Result<sshd::MaxStartupsChoice, EnableError> {
+    let traced = dump_traced(programs, &opts.sshd, "root", true)?;
+    let effective = sshd::parse_dump(&traced.stdout);
+    let sources = sshd::setting_sources(&traced.stderr, "maxstartups");
+    let ours_installed = target.read_text(sshd::DROP_IN_PATH)?.is_some_and(|t| {
+        sshd::parse(&t)
+            .global
+            .iter()
+            .any(|d| d.keyword == "maxstartups")
+    });
+    Ok(sshd::choose_max_startups(
+        opts.keep_max_startups,
+        sshd::dump_value(&effective, "maxstartups"),
+        ours_installed,
+        &sources,
+    ))
+}
+
+/// The report's line about `MaxStartups`.
+fn max_startups_note(choice: &sshd::MaxStartupsChoice, dry_run: bool) -> String {
+    match choice {
+        sshd::MaxStartupsChoice::Ours => format!(
+            "{} MaxStartups {} in the drop-in, for bursts of logins (no other file sets \
+             MaxStartups; --keep-max-startups leaves it out)",
+            if dry_run { "would set" } else { "sets" },
+            sshd::MAX_STARTUPS
+        ),
+        sshd::MaxStartupsChoice::Theirs { value, reason, .. } => format!(
+            "keeping your MaxStartups {value} ({reason}); the drop-in leaves its {} out",
+            sshd::MAX_STARTUPS
+        ),
+    }
+}
+
+/// Checks `MaxStartups` in the bastion login's `sshd -T` after the change.
+fn verify_max_startups(
+    choice: &sshd::MaxStartupsChoice,
+    dump: &[sshd::Directive],
+) -> Result<String, String> {
+    let shown = sshd::dump_value(dump, "maxstartups").unwrap_or("(none)");
+    match choice {
+        sshd::MaxStartupsChoice::Ours if shown == sshd::MAX_STARTUPS => {
+            Ok(format!("sshd -T shows maxstartups {shown}, the drop-in's"))
+        }
+        sshd::MaxStartupsChoice::Ours => Err(format!(
+            "sshd -T shows maxstartups {shown}, not the drop-in's {}: a MaxStartups sshd reads \
+             after the drop-in wins (OpenSSH before 10.1 keeps the last one); remove it, or run \
+             enable --keep-max-startups to keep it",
+            sshd::MAX_STARTUPS
+        )),
+        sshd::MaxStartupsChoice::Theirs { expected, .. }
+            if expected.is_empty() || expected.iter().any(|v| v == shown) =>
+        {
+            Ok(format!("sshd -T shows maxstartups {shown}, yours, kept"))
+        }
+        sshd::MaxStartupsChoice::Theirs { value, .. } => Err(format!(
+            "sshd -T shows maxstartups {shown} instead of your {value}"
+        )),
+    }
 }
 
 fn apply(
@@ -965,8 +1103,8 @@ fn verify(
             checked.stderr.trim()
         ));
     }
-    let bastion = dump(programs, &opts.sshd, &pre.bastion_login)?;
-    let missing = sshd::missing_settings(&sshd::parse_dump(&bastion), &pre.expected);
+    let bastion = sshd::parse_dump(&dump(programs, &opts.sshd, &pre.bastion_login)?);
+    let missing = sshd::missing_settings(&bastion, &pre.expected);
     if missing.is_empty() {
         checks.push(format!(
             "sshd -T for bastion login {} has all {} settings of the drop-in",
@@ -985,14 +1123,28 @@ fn verify(
                 .join("; ")
         ));
     }
+    match verify_max_startups(&pre.max_startups, &bastion) {
+        Ok(check) => checks.push(check),
+        Err(problem) => problems.push(problem),
+    }
+    // MaxStartups is the one global setting enable manages, checked above; everything else
+    // must be exactly as before for local users.
     for (user, before) in pre.local_users.iter().zip(&pre.local_dumps) {
         let after = dump(programs, &opts.sshd, user)?;
+        let (before_rest, after_rest) = (
+            sshd::dump_without(before, "maxstartups"),
+            sshd::dump_without(&after, "maxstartups"),
+        );
         if &after == before {
             checks.push(format!(
                 "sshd -T for local user {user} is identical to before"
             ));
+        } else if before_rest == after_rest {
+            checks.push(format!(
+                "sshd -T for local user {user} is identical to before apart from maxstartups"
+            ));
         } else {
-            let d = diff::unified("before", Some(before), "after", Some(&after));
+            let d = diff::unified("before", Some(&before_rest), "after", Some(&after_rest));
             problems.push(format!("sshd -T for local user {user} changed:\n{d}"));
         }
     }

@@ -49,6 +49,7 @@ fn fake_root(family: Family) -> tempfile::TempDir {
     );
     put("/etc/kmsbastion/kmsbastion.toml", &config(), 0o644);
     put("/usr/sbin/sshd", "", 0o755);
+    put("/usr/bin/kmsbastion", "", 0o755);
     put("/usr/libexec/kmsbastion/kmsbastion-keys", "", 0o755);
     put("/usr/libexec/kmsbastion/kmsbastion-connect", "", 0o755);
     put(
@@ -122,6 +123,14 @@ struct Faults {
     shadowed: bool,
     /// pam-auth-update exits 0 but leaves common-* alone (local modifications).
     pam_refuses: bool,
+    /// MaxStartups is first-match-wins (OpenSSH 10.1 and later) instead of last-wins.
+    max_startups_first_wins: bool,
+    /// sshd's built-in MaxStartups when no file sets one (a distribution's patch).
+    patched_default: Option<&'static str>,
+    /// Something sshd does not trace overrides the drop-in's MaxStartups.
+    drop_in_max_startups_ignored: bool,
+    /// `kmsbastion index` fails.
+    index_fails: bool,
 }
 
 /// sshd and pam-auth-update, scripted against the fake root's files.
@@ -133,6 +142,60 @@ struct Scripted<'a> {
 impl Scripted<'_> {
     fn read(&self, path: &str) -> String {
         fs::read_to_string(under_root(self.root, Path::new(path))).unwrap_or_default()
+    }
+
+    /// The MaxStartups lines sshd reads, in its order: the main file with each `Include` of
+    /// the drop-in directory expanded in place, sorted.
+    fn max_startups_lines(&self) -> Vec<(String, usize, String)> {
+        let setting = |line: &str| {
+            sshd::parse(line)
+                .global
+                .into_iter()
+                .next()
+                .filter(|d| d.keyword == "maxstartups")
+                .map(|d| d.value)
+        };
+        let mut found = Vec::new();
+        for (n, line) in self.read(sshd::MAIN_CONFIG).lines().enumerate() {
+            if line.starts_with("Include") {
+                let dir = under_root(self.root, Path::new("/etc/ssh/sshd_config.d"));
+                let mut names: Vec<String> = fs::read_dir(dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".conf"))
+                    .collect();
+                names.sort();
+                for name in names {
+                    let path = format!("/etc/ssh/sshd_config.d/{name}");
+                    if path == sshd::DROP_IN_PATH && self.faults.drop_in_max_startups_ignored {
+                        continue;
+                    }
+                    for (m, l) in self.read(&path).lines().enumerate() {
+                        if let Some(v) = setting(l) {
+                            found.push((path.clone(), m + 1, v));
+                        }
+                    }
+                }
+            } else if let Some(v) = setting(line) {
+                found.push((sshd::MAIN_CONFIG.to_string(), n + 1, v));
+            }
+        }
+        found
+    }
+
+    /// sshd's `-ddd` lines for the MaxStartups settings, among others.
+    fn sshd_trace(&self) -> String {
+        let mut out = format!(
+            "debug2: load_server_config: filename {}\ndebug3: {}:4 setting KbdInteractiveAuthentication no\n",
+            sshd::MAIN_CONFIG,
+            sshd::MAIN_CONFIG
+        );
+        for (file, line, value) in self.max_startups_lines() {
+            out.push_str(&format!(
+                "debug3: {file}:{line} setting MaxStartups {value}\n"
+            ));
+        }
+        out
     }
 
     fn sshd_dump(&self, user: &str) -> String {
@@ -150,6 +213,21 @@ impl Scripted<'_> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+        let lines = self.max_startups_lines();
+        let winner = if self.faults.max_startups_first_wins {
+            lines.first()
+        } else {
+            lines.last()
+        };
+        let max_startups = match winner {
+            Some((_, _, v)) => v.clone(),
+            None => self
+                .faults
+                .patched_default
+                .unwrap_or(sshd::OPENSSH_DEFAULT_MAX_STARTUPS)
+                .to_string(),
+        };
+        settings.push(("maxstartups".to_string(), max_startups));
         let drop_in = self.read(sshd::DROP_IN_PATH);
         // NSS puts the login into the bastion group only once nsswitch.conf names us.
         let in_group = self.read(NSSWITCH_PATH).contains("kmsbastion")
@@ -250,10 +328,31 @@ impl Programs for Scripted<'_> {
                         .strip_prefix("user=")
                         .and_then(|s| s.split(',').next())
                         .unwrap_or("");
-                    ok(self.sshd_dump(user))
+                    let trace = if args.iter().any(|a| a == "-ddd") {
+                        self.sshd_trace()
+                    } else {
+                        String::new()
+                    };
+                    Ok(Ran {
+                        success: true,
+                        stdout: self.sshd_dump(user),
+                        stderr: trace,
+                    })
                 }
                 _ => fail("unexpected sshd arguments"),
             }
+        } else if program == Path::new(KMSBASTION_BIN) {
+            assert_eq!(
+                args,
+                ["index", "--config", "/etc/kmsbastion/kmsbastion.toml"],
+                "enable runs `kmsbastion index` on its configuration"
+            );
+            if self.faults.index_fails {
+                return fail(
+                    "kmsbastion: index not written: the configuration changed moments ago",
+                );
+            }
+            ok("index: wrote /run/kmsbastion/index/0123456789abcdef.idx (900 bytes: 1 engineer(s), 1 host(s), 0 grant(s)) for /etc/kmsbastion/kmsbastion.toml in 2 ms\n".to_string())
         } else if program == Path::new(pam::PAM_AUTH_UPDATE) {
             match args {
                 [p, e, k] if p == "--package" && e == "--enable" && k == "kmsbastion" => {
@@ -315,8 +414,11 @@ fn debian_enable_wires_everything_and_disable_restores_every_byte() {
         "created       /var/cache/debconf/config.dat-old",
         "ran           /usr/sbin/pam-auth-update --package --enable kmsbastion",
         "sshd -T for bastion login alice@root@web-01 has all",
-        "sshd -T for local user root is identical to before",
-        "sshd -T for local user admin is identical to before",
+        "sshd -T for local user root is identical to before apart from maxstartups",
+        "sshd -T for local user admin is identical to before apart from maxstartups",
+        "verified      sshd -T shows maxstartups 100:30:200, the drop-in's",
+        "note          sets MaxStartups 100:30:200 in the drop-in, for bursts of logins",
+        "note          lookup index rebuilt by `/usr/bin/kmsbastion index`: wrote /run/kmsbastion/index/",
     ] {
         assert!(text.contains(needle), "{needle:?} not in:\n{text}");
     }
@@ -399,7 +501,7 @@ fn enable_is_idempotent_and_disable_still_restores_the_first_originals() {
             .starts_with("kmsbastion enable: nothing to change"),
         "{again}"
     );
-    assert_eq!(again.checks.len(), 4, "still verified: {again}");
+    assert_eq!(again.checks.len(), 5, "still verified: {again}");
     assert_eq!(
         tree(root.path()),
         enabled,
@@ -588,6 +690,9 @@ fn dry_run_shows_the_diffs_and_changes_nothing() {
         "--- /etc/nsswitch.conf\n+++ /etc/nsswitch.conf\n",
         "-passwd:         files\n-group:          files\n+passwd:         files kmsbastion\n+group:          files kmsbastion\n",
         "+Default: no\n",
+        "+MaxStartups 100:30:200\n",
+        "note          would set MaxStartups 100:30:200 in the drop-in",
+        "`/usr/bin/kmsbastion index` would rebuild",
     ] {
         assert!(text.contains(needle), "{needle:?} not in:\n{text}");
     }
@@ -736,4 +841,230 @@ fn refuses_a_bastion_group_the_drop_in_does_not_match() {
         "{err}"
     );
     assert_eq!(tree(root.path()), before);
+}
+
+/// The main sshd_config with a MaxStartups line after the Include (line 8).
+fn admin_sets_max_startups(root: &Path, value: &str) {
+    let main = under_root(root, Path::new(sshd::MAIN_CONFIG));
+    let text = fs::read_to_string(&main).unwrap();
+    fs::write(&main, format!("{text}MaxStartups {value}\n")).unwrap();
+}
+
+#[test]
+fn an_administrators_max_startups_is_kept_and_disable_restores_every_byte() {
+    for first_wins in [false, true] {
+        for in_drop_in in [false, true] {
+            let root = fake_root(Family::Debian);
+            let place = if in_drop_in {
+                let site = root.path().join("etc/ssh/sshd_config.d/50-site.conf");
+                fs::write(site, "# site policy\nMaxStartups 50:30:100\n").unwrap();
+                "/etc/ssh/sshd_config.d/50-site.conf line 2"
+            } else {
+                admin_sets_max_startups(root.path(), "50:30:100");
+                "/etc/ssh/sshd_config line 8"
+            };
+            let before = tree(root.path());
+            let programs = Scripted {
+                root: root.path(),
+                faults: Faults {
+                    max_startups_first_wins: first_wins,
+                    ..Faults::default()
+                },
+            };
+            let report = enable_with(&opts(root.path()), &programs).unwrap();
+            assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::drop_in(false));
+            let text = report.to_string();
+            for needle in [
+                format!("note          keeping your MaxStartups 50:30:100 ({place}); the drop-in leaves its 100:30:200 out"),
+                "verified      sshd -T shows maxstartups 50:30:100, yours, kept".to_string(),
+                "sshd -T for local user root is identical to before\n".to_string(),
+            ] {
+                assert!(text.contains(&needle), "{needle:?} not in:\n{text}");
+            }
+            disable_with(&opts(root.path()), &programs).unwrap();
+            assert_eq!(tree(root.path()), before);
+        }
+    }
+}
+
+#[test]
+fn even_the_default_written_out_is_the_administrators_choice() {
+    let root = fake_root(Family::Other);
+    admin_sets_max_startups(root.path(), "10:30:100");
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults {
+            max_startups_first_wins: true,
+            ..Faults::default()
+        },
+    };
+    let report = enable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::drop_in(false));
+    assert!(
+        report
+            .to_string()
+            .contains("keeping your MaxStartups 10:30:100 (/etc/ssh/sshd_config line 8)"),
+        "{report}"
+    );
+}
+
+#[test]
+fn keep_max_startups_leaves_the_line_out_and_says_so() {
+    let root = fake_root(Family::Debian);
+    let before = tree(root.path());
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults::default(),
+    };
+    let keep = EnableOptions {
+        keep_max_startups: true,
+        ..opts(root.path())
+    };
+    let dry = enable_with(
+        &EnableOptions {
+            dry_run: true,
+            ..keep.clone()
+        },
+        &programs,
+    )
+    .unwrap()
+    .to_string();
+    assert!(
+        dry.contains("+# MaxStartups 100:30:200: left out by `kmsbastion enable`"),
+        "{dry}"
+    );
+    assert!(!dry.contains("+MaxStartups"), "{dry}");
+    let report = enable_with(&keep, &programs).unwrap().to_string();
+    assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::drop_in(false));
+    assert!(
+        report.contains("keeping your MaxStartups 10:30:100 (--keep-max-startups)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("sshd -T for local user root is identical to before\n"),
+        "{report}"
+    );
+    // Once ours is in place, --keep-max-startups takes it out again.
+    enable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::DROP_IN);
+    let report = enable_with(&keep, &programs).unwrap().to_string();
+    assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::drop_in(false));
+    assert!(
+        report.contains("modified      /etc/ssh/sshd_config.d/00-kmsbastion.conf"),
+        "{report}"
+    );
+    disable_with(&opts(root.path()), &programs).unwrap();
+    assert_eq!(tree(root.path()), before);
+}
+
+#[test]
+fn a_patched_default_without_any_line_is_kept() {
+    let root = fake_root(Family::Debian);
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults {
+            patched_default: Some("30:30:100"),
+            ..Faults::default()
+        },
+    };
+    let report = enable_with(&opts(root.path()), &programs)
+        .unwrap()
+        .to_string();
+    assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::drop_in(false));
+    assert!(
+        report.contains("keeping your MaxStartups 30:30:100 (sshd's own default here"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_max_startups_set_after_enable_wins_on_the_next_run() {
+    for first_wins in [false, true] {
+        let root = fake_root(Family::Debian);
+        let before = tree(root.path());
+        let programs = Scripted {
+            root: root.path(),
+            faults: Faults {
+                max_startups_first_wins: first_wins,
+                ..Faults::default()
+            },
+        };
+        enable_with(&opts(root.path()), &programs).unwrap();
+        assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::DROP_IN);
+        admin_sets_max_startups(root.path(), "30:30:60");
+        let report = enable_with(&opts(root.path()), &programs)
+            .unwrap()
+            .to_string();
+        assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::drop_in(false));
+        for needle in [
+            "modified      /etc/ssh/sshd_config.d/00-kmsbastion.conf",
+            "keeping your MaxStartups 30:30:60 (/etc/ssh/sshd_config line 8)",
+            "sshd -T shows maxstartups 30:30:60, yours, kept",
+        ] {
+            assert!(report.contains(needle), "{needle:?} not in:\n{report}");
+        }
+        // disable removes our drop-in and keeps the administrator's own sshd_config.
+        disable_with(&opts(root.path()), &programs).unwrap();
+        let mut after = tree(root.path());
+        let mut expected = before;
+        after.remove("etc/ssh/sshd_config");
+        expected.remove("etc/ssh/sshd_config");
+        assert_eq!(after, expected);
+    }
+}
+
+#[test]
+fn a_max_startups_sshd_does_not_apply_rolls_back() {
+    let faults = Faults {
+        drop_in_max_startups_ignored: true,
+        ..Faults::default()
+    };
+    assert_rolled_back(
+        faults,
+        Family::Debian,
+        "sshd -T shows maxstartups 10:30:100, not the drop-in's 100:30:200",
+    );
+}
+
+#[test]
+fn the_lookup_index_is_rebuilt_after_enable_and_its_failure_is_only_a_note() {
+    let root = fake_root(Family::Debian);
+    let programs = Scripted {
+        root: root.path(),
+        faults: Faults {
+            index_fails: true,
+            ..Faults::default()
+        },
+    };
+    let report = enable_with(&opts(root.path()), &programs).unwrap();
+    assert!(
+        report.to_string().contains(
+            "note          lookup index not rebuilt (kmsbastion: index not written: the configuration changed moments ago); logins work without it"
+        ),
+        "{report}"
+    );
+    assert_eq!(read(root.path(), sshd::DROP_IN_PATH), sshd::DROP_IN);
+    // A second, no-change run rebuilds it too; without the command it says so.
+    let again = enable_with(
+        &opts(root.path()),
+        &Scripted {
+            root: root.path(),
+            faults: Faults::default(),
+        },
+    )
+    .unwrap()
+    .to_string();
+    assert!(again.contains("nothing to change"), "{again}");
+    assert!(
+        again.contains("lookup index rebuilt by `/usr/bin/kmsbastion index`: wrote"),
+        "{again}"
+    );
+    fs::remove_file(root.path().join("usr/bin/kmsbastion")).unwrap();
+    let without = enable_with(&opts(root.path()), &programs)
+        .unwrap()
+        .to_string();
+    assert!(
+        without.contains("lookup index not rebuilt: /usr/bin/kmsbastion is not installed"),
+        "{without}"
+    );
 }

@@ -294,3 +294,158 @@ def test_runs_fast(akc):
     per_run = (time.perf_counter() - t0) / n
     print(f"\nkmsbastion-keys: {per_run * 1e3:.2f} ms per run (process start included)")
     assert per_run < 0.05
+
+
+# --- the lookup index (src/config/index.rs, `kmsbastion index`) ---------------------------
+
+KMSBASTION = ROOT / "target" / "release" / "kmsbastion"
+PAM_MODULE = ROOT / "target" / "release" / "libpam_kmsbastion.so"
+INDEX_DIR = Path("/run/kmsbastion/index")
+
+
+def _index_path(conf: Path) -> Path:
+    import hashlib
+
+    return INDEX_DIR / (hashlib.sha256(os.path.abspath(conf).encode()).hexdigest()[:16] + ".idx")
+
+
+def _cli(conf: Path, *args):
+    return subprocess.run([str(KMSBASTION), "--config", str(conf), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def _akc_traced(akc, conf: Path, *args):
+    """Runs the AKC as nobody under strace; returns (stdout lines, files it opened)."""
+    trace = akc.work / "akc.trace"
+    trace.unlink(missing_ok=True)
+    # strace as root, the traced AKC as nobody (as sshd's AuthorizedKeysCommandUser).
+    argv = ["strace", "-f", "-qq", "-u", "nobody", "-e", "trace=openat", "-o", str(trace),
+            str(akc.binary), "--config", str(conf), *args]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                       env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    opened = [line.split('"')[1] for line in trace.read_text().splitlines()
+              if "openat(" in line and '"' in line and "= -1" not in line]
+    return r.stdout.splitlines(), opened
+
+
+def test_index_answers_only_while_fresh_and_trustworthy(akc):
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    conf = akc.work / "indexed.toml"
+    conf.write_text(CONFIG)
+    os.chmod(conf, 0o644)
+    idx = _index_path(conf)
+    granted = [f"restrict,pty {ALICE}", f"restrict,pty {ALICE2}"]
+
+    # No index yet: the full parse answers.
+    lines, opened = _akc_traced(akc, conf, "alice@root@web-01")
+    assert lines == granted and str(conf) in opened and str(idx) not in opened
+    assert _cli(conf, "index", "--check").returncode == 1
+
+    # `kmsbastion index` writes it (root-owned, 0644, in a root-owned 0755 directory) and the
+    # AKC then answers from it without opening the configuration.
+    r = _cli(conf, "index")
+    assert r.returncode == 0 and f"index: wrote {idx}" in r.stdout, r
+    st = idx.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o644)
+    assert (INDEX_DIR.stat().st_uid, INDEX_DIR.stat().st_mode & 0o7777) == (0, 0o755)
+    assert _cli(conf, "index", "--check").returncode == 0
+    lines, opened = _akc_traced(akc, conf, "alice@root@web-01")
+    assert lines == granted and str(idx) in opened and str(conf) not in opened, opened
+    lines, opened = _akc_traced(akc, conf, "bob@root@web-01")
+    assert lines == [] and str(conf) not in opened
+
+    # An edit that revokes alice's grant: the stale index is ignored, the new file answers.
+    revoked = CONFIG.replace('groups = ["ops"]\naccounts = ["root@web-01"]',
+                             'engineers = ["bob"]\naccounts = ["root@web-01"]')
+    assert revoked != CONFIG
+    conf.write_text(revoked)
+    lines, opened = _akc_traced(akc, conf, "alice@root@web-01")
+    assert lines == [] and str(conf) in opened
+    lines, _ = _akc_traced(akc, conf, "bob@root@web-01")
+    assert lines == [f"restrict,pty {BOB}"]
+    r = _cli(conf, "index", "--check")
+    assert r.returncode == 1 and "stale" in r.stdout, r
+
+    # Rebuilt: fresh again, and it says what the new file says.
+    assert _cli(conf, "index").returncode == 0
+    lines, opened = _akc_traced(akc, conf, "alice@root@web-01")
+    assert lines == [] and str(idx) in opened and str(conf) not in opened
+    lines, opened = _akc_traced(akc, conf, "bob@root@web-01")
+    assert lines == [f"restrict,pty {BOB}"] and str(conf) not in opened
+
+    # Wrong mode, wrong owner, a link, damage: ignored (the file answers), `--check` says why.
+    good = idx.read_bytes()
+
+    def expect_fallback(what):
+        lines, opened = _akc_traced(akc, conf, "bob@root@web-01")
+        assert lines == [f"restrict,pty {BOB}"] and str(conf) in opened, what
+        r = _cli(conf, "index", "--check")
+        assert r.returncode == 1, (what, r)
+        return r.stdout
+
+    os.chmod(idx, 0o666)
+    assert "writable by group or others" in expect_fallback("mode 0666")
+    os.chmod(idx, 0o644)
+    os.chown(idx, 65534, 65534)
+    assert "owned by uid 65534" in expect_fallback("owner nobody")
+    os.chown(idx, 0, 0)
+    damaged = bytearray(good)
+    damaged[300] ^= 0x40  # inside the directory, covered by the header checksum
+    idx.write_bytes(bytes(damaged))
+    assert "corrupt" in expect_fallback("bit flip")
+    idx.write_bytes(good[: len(good) // 2])
+    assert "corrupt" in expect_fallback("truncated")
+    idx.unlink()
+    real = akc.work / "copy.idx"
+    real.write_bytes(good)
+    os.symlink(real, idx)
+    assert "symbolic link" in expect_fallback("symlink")
+    idx.unlink()
+    idx.write_bytes(good)
+    os.chmod(idx, 0o644)
+    assert _cli(conf, "index", "--check").returncode == 0
+
+    # A configuration that no longer loads: no index is written, the old one is removed and
+    # the AKC refuses as before.
+    conf.write_text(revoked + "\nbogus = 1\n")
+    r = _cli(conf, "index")
+    assert r.returncode == 2 and "bogus" in r.stderr, r
+    assert not idx.exists()
+    r = akc.run("--config", str(conf), "bob@root@web-01", config=False)
+    assert r.returncode == 1 and r.stdout == ""
+
+
+def test_a_bastion_login_through_pam_rebuilds_a_stale_index(akc):
+    if shutil.which("pamtester") is None:
+        pytest.skip("pamtester is not installed")
+    conf = akc.work / "pam-indexed.toml"
+    conf.write_text(CONFIG)
+    os.chmod(conf, 0o644)
+    idx = _index_path(conf)
+    idx.unlink(missing_ok=True)
+    service = Path("/etc/pam.d/kmsb-index-test")
+    service.write_text(f"account required {PAM_MODULE} config={conf}\n")
+    try:
+        time.sleep(0.3)  # the index is only written from inputs that have settled
+        r = subprocess.run(["pamtester", "-I", "rhost=127.0.0.1", service.name, "alice@root@web-01",
+                            "acct_mgmt"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r
+        assert _cli(conf, "index", "--check").returncode == 0, "the login did not write the index"
+        assert idx.stat().st_uid == 0
+        # After an edit the next login parses the file once and refreshes the index.
+        conf.write_text(CONFIG + "\n# edited\n")
+        assert _cli(conf, "index", "--check").returncode == 1
+        time.sleep(0.3)
+        r = subprocess.run(["pamtester", "-I", "rhost=127.0.0.1", service.name, "alice@root@web-01",
+                            "acct_mgmt"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r
+        assert _cli(conf, "index", "--check").returncode == 0
+        # A local user's login is not ours: it never writes an index.
+        idx.unlink()
+        r = subprocess.run(["pamtester", service.name, "root", "acct_mgmt"], capture_output=True,
+                           text=True, timeout=30)
+        assert not idx.exists()
+    finally:
+        service.unlink(missing_ok=True)
