@@ -968,7 +968,7 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
     let outcome = match claim {
         Claim::Connecting { cell } => use_prepared(&cx, &cell, &mut end),
         Claim::Failed { error } => Err(error),
-        Claim::Nothing => onward_connection(&cx, &FULL, Vec::new(), &mut end),
+        Claim::Nothing => onward_connection(&cx, &FULL, Vec::new(), None, &mut end),
     };
     // The engineer's descriptors must be closed before connect exits, or sshd waits for EOF.
     drop(fds);
@@ -1050,6 +1050,14 @@ fn use_prepared(
 ) -> Result<u8, OnwardError> {
     let pre = &cx.broker.pre;
     let patience = Duration::from_secs(2);
+    // Whatever happens below, nothing is left in the cell afterwards.
+    struct CloseOnExit<'a>(&'a CredCell);
+    impl Drop for CloseOnExit<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnExit(cell);
     let fetched = fetch_secret(cx.broker, cx.account, SecretStage::Current).and_then(|value| {
         lock_secret_pages(value.secret_data.expose());
         end.version_ids = vec![value.version_id.clone()];
@@ -1058,18 +1066,19 @@ fn use_prepared(
     let (secret, value) = match fetched {
         Ok(v) => v,
         Err(e) => {
-            cell.close();
             pre.release(patience);
             return Err(e);
         }
     };
     let fingerprint = secret.fingerprint();
     let version_id = value.version_id.clone();
-    drop(value);
+    // If the prepared connection is lost before it is used, the request connects on its own
+    // with the version fetched here (no second fetch).
+    let own = |end: &mut Event| onward_connection(cx, &FULL, Vec::new(), Some(value), end);
     if !cell.fill(secret.credential) {
         // The master went away before it could use the credential.
         pre.release(patience);
-        return onward_connection(cx, &FULL, Vec::new(), end);
+        return own(end);
     }
     match pre.await_ready(&cx.slot.cancelled, cx.broker.preconnect_wait()) {
         Ready::Control(control) => {
@@ -1081,13 +1090,13 @@ fn use_prepared(
                     end.fingerprint = fingerprint;
                     r
                 }
-                None => onward_connection(cx, &FULL, Vec::new(), end),
+                None => own(end),
             }
         }
         Ready::Failed(OnwardError::Rejected { .. }) => {
             pre.release(patience);
             rejected_log(cx, SecretStage::Current, &version_id);
-            onward_connection(cx, &[SecretStage::Previous], vec![version_id], end)
+            onward_connection(cx, &[SecretStage::Previous], vec![version_id], None, end)
         }
         Ready::Failed(e) => {
             pre.release(patience);
@@ -1098,7 +1107,7 @@ fn use_prepared(
             if cx.slot.cancelled.load(Ordering::Acquire) {
                 return Err(OnwardError::Refused("hung up".into()));
             }
-            onward_connection(cx, &FULL, Vec::new(), end)
+            own(end)
         }
     }
 }
@@ -1189,36 +1198,51 @@ fn start_preconnect(broker: &Arc<Broker>) {
 fn run_preconnect(broker: &Arc<Broker>, cell: Arc<CredCell>) {
     let started = Instant::now();
     let master = Arc::clone(&broker.pre.master);
-    let error = match onward::private_dir(&broker.private, "r-") {
-        Err(e) => Some(OnwardError::Internal(format!("request directory: {e}"))),
-        Ok(dir) => {
-            let control = dir.join("c");
-            let (pre, at) = (Arc::clone(&broker.pre), control.clone());
-            let cx = AttemptContext {
-                ssh: &broker.ssh,
-                askpass_program: &broker.askpass_program,
-                dir: &dir,
-                alias: &broker.host.name,
-                address: &broker.host.address,
-                port: broker.host.port,
-                account: &broker.account.name,
-                host_keys: &broker.host.host_keys,
-                connect_timeout_s: broker.connect_timeout_s,
-                role: AttemptRole::Master {
-                    control: &control,
-                    on_authenticated: Arc::new(move || pre.ready(at.clone())),
-                },
-                slot: &master,
-            };
-            let result = onward::attempt(&cx, Supply::Later(cell));
-            let _ = fs::remove_dir_all(&dir);
-            match result {
-                Attempt::Done { .. } | Attempt::NoBanner(_) => None,
-                Attempt::Rejected => Some(OnwardError::Rejected {
-                    version_ids: Vec::new(),
-                }),
-                Attempt::Failed(e) => Some(e),
+    let mut pauses = 0;
+    let error = loop {
+        let dir = match onward::private_dir(&broker.private, "r-") {
+            Ok(d) => d,
+            Err(e) => break Some(OnwardError::Internal(format!("request directory: {e}"))),
+        };
+        let control = dir.join("c");
+        let (pre, at) = (Arc::clone(&broker.pre), control.clone());
+        let cx = AttemptContext {
+            ssh: &broker.ssh,
+            askpass_program: &broker.askpass_program,
+            dir: &dir,
+            alias: &broker.host.name,
+            address: &broker.host.address,
+            port: broker.host.port,
+            account: &broker.account.name,
+            host_keys: &broker.host.host_keys,
+            connect_timeout_s: broker.connect_timeout_s,
+            role: AttemptRole::Master {
+                control: &control,
+                on_authenticated: Arc::new(move || pre.ready(at.clone())),
+            },
+            slot: &master,
+        };
+        let result = onward::attempt(&cx, Supply::Later(Arc::clone(&cell)));
+        let _ = fs::remove_dir_all(&dir);
+        match result {
+            Attempt::NoBanner(e) if pauses < NO_BANNER_RETRIES => {
+                // A busy target: the credential (if the request brought it already) waits in
+                // the cell for the next try.
+                let pause = no_banner_pause(pauses);
+                pauses += 1;
+                no_banner_log(&broker.account, &broker.host, &e, pause);
+                std::thread::sleep(pause);
+                if master.cancelled.load(Ordering::Acquire) {
+                    break None;
+                }
             }
+            Attempt::Done { .. } | Attempt::NoBanner(_) => break None,
+            Attempt::Rejected => {
+                break Some(OnwardError::Rejected {
+                    version_ids: Vec::new(),
+                })
+            }
+            Attempt::Failed(e) => break Some(e),
         }
     };
     let detail = error.as_ref().map(log_detail);
@@ -1233,12 +1257,33 @@ fn run_preconnect(broker: &Arc<Broker>, cell: Arc<CredCell>) {
     broker.audit.emit(&ev);
 }
 
+/// Syslog line for a connection the target dropped before its banner.
+fn no_banner_log(account: &HostAccount, host: &Host, e: &OnwardError, pause: Duration) {
+    audit::send_syslog(
+        6,
+        &format!(
+            "{}@{}: the target dropped the connection before its SSH banner (busy? sshd \
+             MaxStartups): {}; trying again in {} ms",
+            account.name,
+            host.name,
+            log_detail(e),
+            pause.as_millis()
+        ),
+    );
+}
+
+/// The pause before try `n + 1` after a target dropped the connection before its banner.
+fn no_banner_pause(n: u32) -> Duration {
+    NO_BANNER_PAUSE * 2u32.saturating_pow(n) + Duration::from_millis(rand::random::<u64>() % 150)
+}
+
 /// Fetch, check, connect; retry once with ACSPrevious on a rejected credential, and a few
 /// times (same secret) when the target drops the connection before its banner.
 fn onward_connection(
     cx: &RequestContext<'_>,
     stages: &[SecretStage],
     mut tried: Vec<String>,
+    mut fetched: Option<crate::kms::SecretValue>,
     end: &mut Event,
 ) -> Result<u8, OnwardError> {
     let (broker, host, account, slot) = (cx.broker, cx.host, cx.account, cx.slot);
@@ -1253,7 +1298,13 @@ fn onward_connection(
         if slot.cancelled.load(Ordering::Acquire) {
             return Err(OnwardError::Refused("hung up".into()));
         }
-        let value = match fetch_secret(broker, account, stage) {
+        // The first stage may come fetched already (by a request whose prepared connection
+        // was lost): one fetch per onward connection still.
+        let value = match fetched
+            .take()
+            .map(Ok)
+            .unwrap_or_else(|| fetch_secret(broker, account, stage))
+        {
             Ok(v) => v,
             Err(OnwardError::Kms { error, .. }) if stage == SecretStage::Previous => {
                 // No previous version (or it cannot be fetched): the rejection stands.
@@ -1297,19 +1348,9 @@ fn onward_connection(
             match result {
                 Attempt::NoBanner(e) if pauses < NO_BANNER_RETRIES => {
                     // Turned away before the banner (sshd's MaxStartups): nothing was sent.
-                    let pause = NO_BANNER_PAUSE * 2u32.pow(pauses)
-                        + Duration::from_millis(rand::random::<u64>() % 150);
+                    let pause = no_banner_pause(pauses);
                     pauses += 1;
-                    audit::send_syslog(
-                        6,
-                        &format!(
-                            "{}@{}: {}, trying again in {} ms",
-                            account.name,
-                            host.name,
-                            log_detail(&e),
-                            pause.as_millis()
-                        ),
-                    );
+                    no_banner_log(account, host, &e, pause);
                     std::thread::sleep(pause);
                     if slot.cancelled.load(Ordering::Acquire) {
                         return Err(OnwardError::Refused("hung up".into()));

@@ -16,7 +16,7 @@ use crate::session::{Request, RequestKind};
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -600,7 +600,9 @@ impl CredStop {
             s.set();
         }
         if let Some(c) = &self.cell {
-            c.close();
+            // Wake this attempt's waiters only: a credential not used yet (ssh died before
+            // asking) stays for another attempt; whoever owns the cell closes it.
+            c.interrupt();
         }
     }
 }
@@ -629,7 +631,7 @@ enum CellState {
 /// A credential handed from the request that fetched it to the ssh that waits for it.
 #[derive(Default)]
 pub struct CredCell {
-    state: Mutex<CellState>,
+    state: Mutex<(CellState, u64)>,
     changed: Condvar,
 }
 
@@ -645,10 +647,10 @@ impl CredCell {
         let Ok(mut st) = self.state.lock() else {
             return false;
         };
-        if !matches!(*st, CellState::Empty) {
+        if !matches!(st.0, CellState::Empty) {
             return false;
         }
-        *st = match credential {
+        st.0 = match credential {
             Credential::Key(k) => CellState::Key(k),
             Credential::Password(p) => CellState::Password(p),
         };
@@ -659,23 +661,36 @@ impl CredCell {
     /// Nothing will be handed out any more (drops a credential still inside).
     pub fn close(&self) {
         if let Ok(mut st) = self.state.lock() {
-            *st = CellState::Closed;
+            st.0 = CellState::Closed;
             self.changed.notify_all();
         }
     }
 
-    /// Wait until the cell is filled or closed, then take what `pick` accepts.
+    /// Wake everyone waiting now, empty-handed; the cell itself is unchanged.
+    pub fn interrupt(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.1 = st.1.wrapping_add(1);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Wait until the cell is filled or closed (or this wait is interrupted), then take what
+    /// `pick` accepts.
     fn take<T>(
         &self,
         pick: impl Fn(&CellState) -> bool,
         out: impl Fn(CellState) -> Option<T>,
     ) -> Option<T> {
         let mut st = self.state.lock().ok()?;
-        while matches!(*st, CellState::Empty) {
+        let generation = st.1;
+        while matches!(st.0, CellState::Empty) {
             st = self.changed.wait(st).ok()?;
+            if st.1 != generation {
+                return None;
+            }
         }
-        if pick(&st) {
-            out(std::mem::replace(&mut *st, CellState::Closed))
+        if pick(&st.0) {
+            out(std::mem::replace(&mut st.0, CellState::Closed))
         } else {
             None
         }
@@ -752,6 +767,26 @@ fn askpass_thread(
     Ok((t, ask_stop))
 }
 
+/// Wait until someone connects to the listening socket `fd` (true) or `stop` is set.
+fn asked(fd: std::os::fd::RawFd, stop: &AtomicBool) -> bool {
+    while !stop.load(Ordering::Acquire) {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the listener outlives this call (its thread owns it).
+        let r = unsafe { libc::poll(&mut p, 1, 50) };
+        if r > 0 {
+            return true;
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+    false
+}
+
 fn serve_now(
     dir: &Path,
     secret: TargetSecret,
@@ -804,14 +839,33 @@ fn serve_later(
         UnixListener::bind(&agent_path).map_err(|e| internal("agent socket", e))?;
     let ask_listener =
         UnixListener::bind(dir.join("askpass.sock")).map_err(|e| internal("askpass socket", e))?;
-    let c = Arc::clone(&cell);
-    let agent = agent_thread(agent_listener, move || c.take_key(), ssh_pid, flag);
+    // Each thread takes the credential only once ssh asks for it: an ssh that never gets that
+    // far (a target that dropped the connection) leaves it for the next attempt.
+    let (c, f, fd) = (
+        Arc::clone(&cell),
+        Arc::clone(flag),
+        agent_listener.as_raw_fd(),
+    );
+    let agent = agent_thread(
+        agent_listener,
+        move || asked(fd, &f).then(|| c.take_key()).flatten(),
+        ssh_pid,
+        flag,
+    );
     let agent = match agent {
         Ok(t) => t,
         Err(e) => return Err(internal("agent thread", e)),
     };
-    let c = Arc::clone(&cell);
-    match askpass_thread(ask_listener, move || c.take_password(), ssh_pid) {
+    let (c, f, fd) = (
+        Arc::clone(&cell),
+        Arc::clone(flag),
+        ask_listener.as_raw_fd(),
+    );
+    match askpass_thread(
+        ask_listener,
+        move || asked(fd, &f).then(|| c.take_password()).flatten(),
+        ssh_pid,
+    ) {
         Ok((t, stop)) => Ok((
             AuthOptions::Either { agent: agent_path },
             CredThreads(vec![agent, t]),
@@ -1465,6 +1519,26 @@ mod tests {
         let n = a.len();
         assert_eq!(&a[n - 5..], ["-tt", "-s", "--", "web", "sftp"]);
         assert!(mux_args(ctl, log, &r, "root", "-oProxyCommand=x", 22).is_err());
+    }
+
+    #[test]
+    fn a_credential_cell_hands_over_once_and_survives_an_interrupted_wait() {
+        use crate::sensitive::SecretString;
+        let cell = Arc::new(CredCell::default());
+        // An attempt that ends before ssh asked: its waiters wake empty-handed...
+        let c = Arc::clone(&cell);
+        let waiter = std::thread::spawn(move || c.take_password().is_some());
+        std::thread::sleep(Duration::from_millis(50));
+        cell.interrupt();
+        assert!(!waiter.join().unwrap());
+        // ...and the credential handed over later is there for the next attempt, once.
+        assert!(cell.fill(Credential::Password(SecretString::new("pw".into()))));
+        assert!(!cell.fill(Credential::Password(SecretString::new("again".into()))));
+        assert!(cell.take_key().is_none(), "a password is not a key");
+        assert_eq!(cell.take_password().unwrap().expose(), "pw");
+        assert!(cell.take_password().is_none(), "taken once");
+        cell.close();
+        assert!(!cell.fill(Credential::Password(SecretString::new("late".into()))));
     }
 
     #[test]

@@ -14,8 +14,10 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import stat
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -299,3 +301,73 @@ def test_an_unreachable_target_is_named_not_addressed(world, audit_mark):
     ends = [e for e in world.audit_since(audit_mark) if e.get("event") == "connect-end"]
     assert ends and ends[-1]["result"] == "unreachable", ends
     assert hidden in ends[-1]["reason"], "the jump host's log keeps ssh's own line"
+
+
+# ---------------------------------------------------------------------------------------------
+# a busy target
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def target_max_startups(world, target, value):
+    """Runs the target's sshd with ``MaxStartups value`` (reloaded with SIGHUP: sshd re-executes
+    itself with the same pid); restores its configuration afterwards, whatever happens."""
+    import socket
+
+    config = world.targets[target].dir / "sshd_config"
+    original = config.read_text()
+    t = world.targets[target]
+
+    def reload():
+        world.daemons[f"sshd-{target}"].process.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+
+        def banner():
+            try:
+                with socket.create_connection((t.address, t.port), timeout=1) as s:
+                    return s.recv(64).startswith(b"SSH-2.0-")
+            except OSError:
+                return False
+        world.wait_for(banner, timeout=10, what=f"sshd-{target} after reload")
+
+    config.write_text(f"MaxStartups {value}\n" + original)
+    try:
+        reload()
+        yield t
+    finally:
+        config.write_text(original)
+        reload()
+
+
+def test_a_target_that_turns_connections_away_before_its_banner_is_tried_again(world, audit_mark):
+    """sshd's MaxStartups drops new connections before the SSH banner while too many are
+    starting: nothing was sent, so the broker tries again (jittered, doubling pauses) instead
+    of failing the login. Here one stalled connection fills the target's only startup slot for
+    0.6 s; the login still works, with one KMS fetch."""
+    import socket
+
+    with target_max_startups(world, LOGIN_TARGET, "1") as t:
+        def take_the_slot():
+            # The reload's own probe may still hold the slot for a moment.
+            s = socket.create_connection((t.address, t.port), timeout=5)
+            if s.recv(64).startswith(b"SSH-2.0-"):
+                return s
+            s.close()
+            return None
+        hog = world.wait_for(take_the_slot, timeout=10, what="the target's only startup slot")
+        try:
+            # While the hog holds the slot, the target really does turn connections away.
+            probe = socket.create_connection((t.address, t.port), timeout=5)
+            assert not probe.recv(64).startswith(b"SSH-2.0-"), "the target should drop a second startup"
+            probe.close()
+            before = gets(world)
+            releaser = threading.Timer(0.6, hog.close)
+            releaser.start()
+            r = world.ssh(world.login("alice", LOGIN_TARGET), "echo through")
+            releaser.join()
+        finally:
+            hog.close()
+    assert (r.returncode, r.stdout) == (0, "through\n"), r.stderr
+    assert gets(world) - before == 1
+    log = (world.log_dir / "syslog.log").read_text()
+    assert re.search(r"root@web-01: the target dropped the connection before its SSH banner .*; trying again in \d+ ms", log), log[-3000:]
