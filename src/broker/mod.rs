@@ -74,7 +74,7 @@ pub mod preconnect;
 use crate::audit::{self, Audit, Event};
 use crate::config::{Config, Host, HostAccount, Scope};
 use crate::grant::{self, Decision};
-use crate::kms::{KmsClient, KmsErrorKind, SecretStage};
+use crate::kms::{KmsClient, KmsError, KmsErrorKind, PreparedClient, SecretStage};
 use crate::login::LoginString;
 use crate::pam_session::{BrokerArgs, ReadyLine};
 use crate::secret::TargetSecret;
@@ -256,7 +256,10 @@ struct Broker {
     askpass_program: PathBuf,
     connect_timeout_s: u32,
     private: PathBuf,
-    kms: KmsClient,
+    /// The KMS client, resolved as root at start and built (its HTTP client) right after
+    /// the broker reported ready, off the login's path; see [`Broker::kms`].
+    kms_prepared: Mutex<Option<PreparedClient>>,
+    kms: std::sync::OnceLock<Result<KmsClient, String>>,
     audit: Audit,
     children: Mutex<Vec<Arc<ChildSlot>>>,
     rate: Mutex<RateLimiter>,
@@ -295,6 +298,12 @@ pub fn main(argv: &[String]) -> i32 {
             drop(ready);
             let broker = Arc::new(broker);
             start_preconnect(&broker);
+            // Build the KMS client now, in the background: the first request usually
+            // arrives tens of milliseconds later and finds it ready.
+            let b = Arc::clone(&broker);
+            if spawn_with_stack(REQUEST_STACK, move || drop(b.kms())).is_err() {
+                audit::send_syslog(4, "broker: cannot start the KMS client thread");
+            }
             serve(&broker, &listener, &lifetime);
             shutdown(&broker);
             drop(listener);
@@ -378,7 +387,7 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
         return Err("the engineer uid must be neither root nor the service user".into());
     }
     let audit = Audit::open(cfg.audit.file.as_deref(), cfg.audit.syslog);
-    let kms = KmsClient::from_settings(&cfg.kms).map_err(|e| format!("KMS client: {e}"))?;
+    let kms = PreparedClient::from_settings(&cfg.kms).map_err(|e| format!("KMS client: {e}"))?;
 
     let (session_dir, listener, socket) =
         session_directory(&cfg.bastion.runtime_dir, &svc, engineer_uid)?;
@@ -403,7 +412,8 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
         askpass_program,
         connect_timeout_s: cfg.bastion.connect_timeout_s,
         private,
-        kms,
+        kms_prepared: Mutex::new(Some(kms)),
+        kms: std::sync::OnceLock::new(),
         audit,
         children: Mutex::new(Vec::new()),
         rate: Mutex::new(RateLimiter::new(RATE_LIMIT, RATE_WINDOW)),
@@ -751,6 +761,20 @@ impl Broker {
         }
     }
 
+    /// The KMS client, built on first use (waiting for a build in progress).
+    fn kms(&self) -> Result<&KmsClient, KmsError> {
+        let built = self.kms.get_or_init(|| {
+            let prepared = self.kms_prepared.lock().ok().and_then(|mut p| p.take());
+            match prepared {
+                Some(p) => p.build().map_err(|e| e.to_string()),
+                None => Err("the KMS client was never prepared".into()),
+            }
+        });
+        built
+            .as_ref()
+            .map_err(|e| KmsError::new(KmsErrorKind::Config, format!("KMS client: {e}")))
+    }
+
     /// How long a request waits for the connection being prepared: at most what preparing
     /// itself may take (KMS deadline, connect timeout, authentication).
     fn preconnect_wait(&self) -> Duration {
@@ -1019,8 +1043,8 @@ fn fetch_secret(
     stage: SecretStage,
 ) -> Result<crate::kms::SecretValue, OnwardError> {
     broker
-        .kms
-        .get_secret_value(&account.secret, stage)
+        .kms()
+        .and_then(|kms| kms.get_secret_value(&account.secret, stage))
         .map_err(|error| OnwardError::Kms {
             error,
             stage: stage.as_str(),

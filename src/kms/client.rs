@@ -40,25 +40,29 @@ pub struct KmsClient {
     retry: RetryPolicy,
 }
 
-impl KmsClient {
+/// Everything a [`KmsClient`] needs, resolved (files read, credentials found) but without
+/// the HTTP client yet: building that (TLS roots, its I/O thread) takes a few milliseconds
+/// and needs no privilege, so the broker resolves this as root and builds later, off the
+/// login's path ([`PreparedClient::build`]).
+#[derive(Debug)]
+pub struct PreparedClient {
+    endpoint: Endpoint,
+    credentials: CredentialsProvider,
+    signature: SignatureAlgorithm,
+    deadline: Duration,
+    /// Certificates of `[kms] ca_file` (replacing the system roots), if set.
+    ca: Option<Vec<reqwest::Certificate>>,
+}
+
+impl PreparedClient {
     /// Resolves the endpoint, the TLS trust and the credentials chain from `[kms]`.
     pub fn from_settings(settings: &KmsSettings) -> Result<Self, KmsError> {
         let endpoint = Endpoint::from_settings(settings)?;
         let credentials = CredentialsProvider::from_settings(settings)?;
-        Self::build(settings, endpoint, credentials)
+        Self::new(settings, endpoint, credentials)
     }
 
-    /// Like [`from_settings`](Self::from_settings) but signing with the given credentials
-    /// instead of looking for some (tests, tools that already hold a key).
-    pub fn with_credentials(
-        settings: &KmsSettings,
-        credentials: Credentials,
-    ) -> Result<Self, KmsError> {
-        let endpoint = Endpoint::from_settings(settings)?;
-        Self::build(settings, endpoint, CredentialsProvider::Static(credentials))
-    }
-
-    fn build(
+    fn new(
         settings: &KmsSettings,
         endpoint: Endpoint,
         credentials: CredentialsProvider,
@@ -70,36 +74,53 @@ impl KmsClient {
                 "[kms] deadline_ms must be positive (default 5000)",
             ));
         }
+        let ca = match &settings.ca_file {
+            None => None,
+            Some(ca) => {
+                let shown = ca.display();
+                let pem = std::fs::read(ca).map_err(|e| {
+                    KmsError::new(
+                        KmsErrorKind::Config,
+                        format!("cannot read [kms] ca_file {shown}: {e}"),
+                    )
+                })?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                    KmsError::new(
+                        KmsErrorKind::Config,
+                        format!("[kms] ca_file {shown} is not a PEM certificate bundle: {e}"),
+                    )
+                })?;
+                if certs.is_empty() {
+                    return Err(KmsError::new(
+                        KmsErrorKind::Config,
+                        format!("[kms] ca_file {shown} holds no PEM certificate"),
+                    ));
+                }
+                Some(certs)
+            }
+        };
+        Ok(Self {
+            endpoint,
+            credentials,
+            signature: settings.signature,
+            deadline,
+            ca,
+        })
+    }
+
+    /// Builds the HTTP client.
+    pub fn build(self) -> Result<KmsClient, KmsError> {
         let mut builder = reqwest::blocking::Client::builder()
             .use_rustls_tls()
-            .https_only(endpoint.url.scheme() == "https")
-            .connect_timeout(CONNECT_TIMEOUT.min(deadline))
+            .https_only(self.endpoint.url.scheme() == "https")
+            .connect_timeout(CONNECT_TIMEOUT.min(self.deadline))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("kmsbastion/", env!("CARGO_PKG_VERSION")));
-        if endpoint.url.scheme() == "http" {
+        if self.endpoint.url.scheme() == "http" {
             // Loopback only (checked by Endpoint): never through a proxy.
             builder = builder.no_proxy();
         }
-        if let Some(ca) = &settings.ca_file {
-            let shown = ca.display();
-            let pem = std::fs::read(ca).map_err(|e| {
-                KmsError::new(
-                    KmsErrorKind::Config,
-                    format!("cannot read [kms] ca_file {shown}: {e}"),
-                )
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                KmsError::new(
-                    KmsErrorKind::Config,
-                    format!("[kms] ca_file {shown} is not a PEM certificate bundle: {e}"),
-                )
-            })?;
-            if certs.is_empty() {
-                return Err(KmsError::new(
-                    KmsErrorKind::Config,
-                    format!("[kms] ca_file {shown} holds no PEM certificate"),
-                ));
-            }
+        if let Some(certs) = self.ca {
             builder = builder.tls_built_in_root_certs(false);
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
@@ -111,13 +132,30 @@ impl KmsClient {
                 format!("cannot set up the HTTPS client: {e}"),
             )
         })?;
-        Ok(Self {
+        Ok(KmsClient {
             http,
-            endpoint,
-            signature: settings.signature,
-            credentials,
-            retry: RetryPolicy::with_deadline(deadline),
+            endpoint: self.endpoint,
+            signature: self.signature,
+            credentials: self.credentials,
+            retry: RetryPolicy::with_deadline(self.deadline),
         })
+    }
+}
+
+impl KmsClient {
+    /// Resolves the endpoint, the TLS trust and the credentials chain from `[kms]`.
+    pub fn from_settings(settings: &KmsSettings) -> Result<Self, KmsError> {
+        PreparedClient::from_settings(settings)?.build()
+    }
+
+    /// Like [`from_settings`](Self::from_settings) but signing with the given credentials
+    /// instead of looking for some (tests, tools that already hold a key).
+    pub fn with_credentials(
+        settings: &KmsSettings,
+        credentials: Credentials,
+    ) -> Result<Self, KmsError> {
+        let endpoint = Endpoint::from_settings(settings)?;
+        PreparedClient::new(settings, endpoint, CredentialsProvider::Static(credentials))?.build()
     }
 
     /// The endpoint in use.

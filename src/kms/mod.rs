@@ -20,7 +20,7 @@ pub mod retry;
 pub mod sign;
 pub mod utc;
 
-pub use client::KmsClient;
+pub use client::{KmsClient, PreparedClient};
 pub use credentials::Credentials;
 pub use endpoint::Endpoint;
 pub use error::{KmsError, KmsErrorKind};
