@@ -1099,12 +1099,19 @@ fn use_prepared(
     // If the prepared connection is lost before it is used, the request connects on its own
     // with the version fetched here (no second fetch).
     let own = |end: &mut Event| onward_connection(cx, &FULL, Vec::new(), Some(value), end);
+    if cx.slot.cancelled.load(Ordering::Acquire) {
+        pre.release(patience);
+        return Err(OnwardError::Refused("hung up".into()));
+    }
     if !cell.fill(secret.credential) {
         // The master went away before it could use the credential.
         pre.release(patience);
         return own(end);
     }
-    match pre.await_ready(&cx.slot.cancelled, cx.broker.preconnect_wait()) {
+    let ready = pre.await_ready(&cx.slot.cancelled, cx.broker.preconnect_wait());
+    // Taken by now, or never to be: no copy of it stays for the rest of the session.
+    cell.close();
+    match ready {
         Ready::Control(control) => {
             let ran = run_prepared(cx, &control);
             pre.release(patience);
@@ -1121,6 +1128,19 @@ fn use_prepared(
             pre.release(patience);
             rejected_log(cx, SecretStage::Current, &version_id);
             onward_connection(cx, &[SecretStage::Previous], vec![version_id], None, end)
+        }
+        Ready::Failed(OnwardError::Unreachable { detail, .. }) => {
+            // The connection was there, waiting for this credential: the target (or a NAT)
+            // may have given up on it meanwhile. A connection of our own tells.
+            pre.release(patience);
+            audit::send_syslog(
+                6,
+                &format!(
+                    "{}@{}: prepared connection lost ({detail}); connecting again",
+                    cx.account.name, cx.host.name
+                ),
+            );
+            own(end)
         }
         Ready::Failed(e) => {
             pre.release(patience);
@@ -1163,6 +1183,7 @@ fn run_prepared(cx: &RequestContext<'_>, control: &Path) -> Option<Result<u8, On
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    show_banner(&onward::banner_path(control), &cx.fds[2]);
     let dir = match onward::private_dir(&cx.broker.private, "m-") {
         Ok(d) => d,
         Err(e) => {
@@ -1185,6 +1206,21 @@ fn run_prepared(cx: &RequestContext<'_>, control: &Path) -> Option<Result<u8, On
     let r = onward::run_mux(&mux);
     let _ = fs::remove_dir_all(&dir);
     Some(r)
+}
+
+/// What the master's ssh showed during authentication (the target's pre-login banner), on the
+/// engineer's stderr, as a connection of the request's own would have shown it.
+fn show_banner(path: &Path, stderr: &OwnedFd) {
+    use std::io::Read as _;
+    let mut shown = Vec::new();
+    if let Ok(f) = fs::File::open(path) {
+        let _ = f.take(64 * 1024).read_to_end(&mut shown);
+    }
+    if !shown.is_empty() {
+        if let Ok(fd) = stderr.try_clone() {
+            let _ = fs::File::from(fd).write_all(&shown);
+        }
+    }
 }
 
 /// Start the connection for the first request (see [`preconnect`]): connect and verify the
@@ -1248,6 +1284,11 @@ fn run_preconnect(broker: &Arc<Broker>, cell: Arc<CredCell>) {
         };
         let result = onward::attempt(&cx, Supply::Later(Arc::clone(&cell)));
         let _ = fs::remove_dir_all(&dir);
+        if master.cancelled.load(Ordering::Acquire) {
+            // Ended on purpose (its request is done or gave up, idle, shutdown): whatever ssh
+            // said while dying is nobody's failure.
+            break None;
+        }
         match result {
             Attempt::NoBanner(e) if pauses < NO_BANNER_RETRIES => {
                 // A busy target: the credential (if the request brought it already) waits in

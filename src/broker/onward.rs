@@ -193,6 +193,10 @@ pub fn ssh_args(p: &SshPlan<'_>) -> Result<Vec<OsString>, String> {
         }
         AuthOptions::Either { agent } => {
             opt(&mut a, format!("IdentityAgent={}", agent.display()));
+            // The agent's key only: a file that does not exist keeps ssh from adding the
+            // service user's default identity files (~ is its passwd home, not $HOME).
+            let none = agent.with_file_name("no-identity-file");
+            opt(&mut a, format!("IdentityFile={}", none.display()));
             opt(&mut a, "IdentitiesOnly=no".into());
             opt(&mut a, "PubkeyAuthentication=yes".into());
             opt(&mut a, "PasswordAuthentication=yes".into());
@@ -674,15 +678,24 @@ impl CredCell {
         }
     }
 
-    /// Wait until the cell is filled or closed (or this wait is interrupted), then take what
-    /// `pick` accepts.
+    /// The current interrupt generation: a take that started waiting at it ends at the next
+    /// [`CredCell::interrupt`].
+    fn generation(&self) -> u64 {
+        self.state.lock().map(|st| st.1).unwrap_or(u64::MAX)
+    }
+
+    /// Wait until the cell is filled or closed (or interrupted since `generation`), then take
+    /// what `pick` accepts.
     fn take<T>(
         &self,
+        generation: u64,
         pick: impl Fn(&CellState) -> bool,
         out: impl Fn(CellState) -> Option<T>,
     ) -> Option<T> {
         let mut st = self.state.lock().ok()?;
-        let generation = st.1;
+        if st.1 != generation {
+            return None;
+        }
         while matches!(st.0, CellState::Empty) {
             st = self.changed.wait(st).ok()?;
             if st.1 != generation {
@@ -696,8 +709,9 @@ impl CredCell {
         }
     }
 
-    fn take_key(&self) -> Option<PrivateKey> {
+    fn take_key(&self, generation: u64) -> Option<PrivateKey> {
         self.take(
+            generation,
             |s| matches!(s, CellState::Key(_)),
             |s| match s {
                 CellState::Key(k) => Some(k),
@@ -706,8 +720,9 @@ impl CredCell {
         )
     }
 
-    fn take_password(&self) -> Option<SecretString> {
+    fn take_password(&self, generation: u64) -> Option<SecretString> {
         self.take(
+            generation,
             |s| matches!(s, CellState::Password(_)),
             |s| match s {
                 CellState::Password(p) => Some(p),
@@ -840,7 +855,9 @@ fn serve_later(
     let ask_listener =
         UnixListener::bind(dir.join("askpass.sock")).map_err(|e| internal("askpass socket", e))?;
     // Each thread takes the credential only once ssh asks for it: an ssh that never gets that
-    // far (a target that dropped the connection) leaves it for the next attempt.
+    // far (a target that dropped the connection) leaves it for the next attempt. An
+    // interrupt (this attempt ended) from here on ends their waits.
+    let generation = cell.generation();
     let (c, f, fd) = (
         Arc::clone(&cell),
         Arc::clone(flag),
@@ -848,7 +865,7 @@ fn serve_later(
     );
     let agent = agent_thread(
         agent_listener,
-        move || asked(fd, &f).then(|| c.take_key()).flatten(),
+        move || asked(fd, &f).then(|| c.take_key(generation)).flatten(),
         ssh_pid,
         flag,
     );
@@ -863,7 +880,7 @@ fn serve_later(
     );
     match askpass_thread(
         ask_listener,
-        move || asked(fd, &f).then(|| c.take_password()).flatten(),
+        move || asked(fd, &f).then(|| c.take_password(generation)).flatten(),
         ssh_pid,
     ) {
         Ok((t, stop)) => Ok((
@@ -1022,10 +1039,22 @@ pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
                 return internal("duplicating the session descriptors", e);
             }
         }
-        AttemptRole::Master { .. } => {
+        AttemptRole::Master { control, .. } => {
+            // What ssh shows a person during authentication (the target's pre-login banner)
+            // is kept for the request, which shows it before its session.
+            let shown = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(banner_path(control));
+            let stderr = match shown {
+                Ok(f) => Stdio::from(f),
+                Err(_) => Stdio::null(),
+            };
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .stderr(stderr);
         }
     }
     tie_to_broker(&mut cmd);
@@ -1076,14 +1105,10 @@ pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
     };
 
     let started = {
-        let mut guard = match cx.slot.pid.lock() {
-            Ok(g) => g,
-            Err(_) => return internal("child slot", "poisoned"),
-        };
-        if cx.slot.cancelled.load(Ordering::Acquire) {
-            None
-        } else {
-            match cmd.spawn() {
+        match cx.slot.pid.lock() {
+            Err(_) => Some(Err(std::io::Error::other("child slot poisoned"))),
+            Ok(_) if cx.slot.cancelled.load(Ordering::Acquire) => None,
+            Ok(mut guard) => match cmd.spawn() {
                 Ok(child) => {
                     let pid = i32::try_from(child.id()).unwrap_or(0);
                     ssh_pid.store(pid, Ordering::Release);
@@ -1091,7 +1116,7 @@ pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
                     Some(Ok(child))
                 }
                 Err(e) => Some(Err(e)),
-            }
+            },
         }
     };
     drop(cmd);
@@ -1112,7 +1137,13 @@ pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
         }
         Some(Ok(mut child)) => match reap(&mut child, cx.slot) {
             Ok(st) => st,
-            Err(e) => return internal("waiting for ssh", e),
+            Err(e) => {
+                finish_cred(&stop);
+                drop(log_w);
+                cred_thread.join();
+                let _ = reader.join();
+                return internal("waiting for ssh", e);
+            }
         },
     };
     finish_cred(&stop);
@@ -1195,6 +1226,11 @@ fn tie_to_broker(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// Where a master's stderr goes (next to its control socket `control`).
+pub fn banner_path(control: &Path) -> PathBuf {
+    control.with_file_name("shown")
 }
 
 /// Fixed inputs of a request run as a session of a prepared master connection.
@@ -1526,17 +1562,23 @@ mod tests {
         use crate::sensitive::SecretString;
         let cell = Arc::new(CredCell::default());
         // An attempt that ends before ssh asked: its waiters wake empty-handed...
-        let c = Arc::clone(&cell);
-        let waiter = std::thread::spawn(move || c.take_password().is_some());
+        let (c, generation) = (Arc::clone(&cell), cell.generation());
+        let waiter = std::thread::spawn(move || c.take_password(generation).is_some());
         std::thread::sleep(Duration::from_millis(50));
         cell.interrupt();
         assert!(!waiter.join().unwrap());
+        // An interrupt before the wait began ends it too.
+        assert!(cell.take_password(generation).is_none());
+        let generation = cell.generation();
         // ...and the credential handed over later is there for the next attempt, once.
         assert!(cell.fill(Credential::Password(SecretString::new("pw".into()))));
         assert!(!cell.fill(Credential::Password(SecretString::new("again".into()))));
-        assert!(cell.take_key().is_none(), "a password is not a key");
-        assert_eq!(cell.take_password().unwrap().expose(), "pw");
-        assert!(cell.take_password().is_none(), "taken once");
+        assert!(
+            cell.take_key(generation).is_none(),
+            "a password is not a key"
+        );
+        assert_eq!(cell.take_password(generation).unwrap().expose(), "pw");
+        assert!(cell.take_password(generation).is_none(), "taken once");
         cell.close();
         assert!(!cell.fill(Credential::Password(SecretString::new("late".into()))));
     }

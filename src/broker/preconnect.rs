@@ -26,8 +26,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// A prepared connection nobody claimed within this time is closed.
-pub const IDLE: Duration = Duration::from_secs(15);
+/// A prepared connection nobody claimed within this time is closed (and a failure of it
+/// nobody asked about is forgotten). The first request of an interactive login or a command
+/// arrives within milliseconds; a short limit also bounds how long an engineer who never
+/// asks for a session (`ssh -N`) keeps a startup slot of the target's sshd busy.
+pub const IDLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 enum Phase {
@@ -38,8 +41,8 @@ enum Phase {
     Starting { cell: Arc<CredCell>, since: Instant },
     /// A request took it (and fetches the credential); `control` once authenticated.
     Claimed { control: Option<PathBuf> },
-    /// The master failed in a way the request must hear about.
-    Failed { error: OnwardError },
+    /// The master failed in a way the request must hear about (at `since`).
+    Failed { error: OnwardError, since: Instant },
     /// Closed unclaimed (idle, or no longer matching the configuration).
     Dropped,
 }
@@ -186,7 +189,10 @@ impl Preconnect {
                 cell.close();
                 match error {
                     Some(error) if report => {
-                        st.phase = Phase::Failed { error };
+                        st.phase = Phase::Failed {
+                            error,
+                            since: Instant::now(),
+                        };
                         Outcome::Failed
                     }
                     _ => Outcome::Abandoned,
@@ -194,13 +200,16 @@ impl Preconnect {
             }
             (Phase::Claimed { control: Some(_) }, _) => Outcome::Used,
             (Phase::Claimed { control: None }, Some(error)) if report => {
-                st.phase = Phase::Failed { error };
+                st.phase = Phase::Failed {
+                    error,
+                    since: Instant::now(),
+                };
                 Outcome::Failed
             }
             (Phase::Claimed { control: None }, _) => Outcome::Abandoned,
             (Phase::Dropped | Phase::Off, _) => Outcome::Unused,
-            (Phase::Failed { error }, _) => {
-                st.phase = Phase::Failed { error };
+            (Phase::Failed { error, since }, _) => {
+                st.phase = Phase::Failed { error, since };
                 Outcome::Failed
             }
         };
@@ -218,7 +227,7 @@ impl Preconnect {
                 st.phase = Phase::Claimed { control: None };
                 Claim::Connecting { cell }
             }
-            Phase::Failed { error } => Claim::Failed { error },
+            Phase::Failed { error, .. } => Claim::Failed { error },
             other => {
                 st.phase = other;
                 Claim::Nothing
@@ -251,7 +260,7 @@ impl Preconnect {
                 }
                 Phase::Failed { .. } => {
                     return match std::mem::replace(&mut st.phase, Phase::Off) {
-                        Phase::Failed { error } => Ready::Failed(error),
+                        Phase::Failed { error, .. } => Ready::Failed(error),
                         _ => Ready::Gone,
                     };
                 }
@@ -269,6 +278,11 @@ impl Preconnect {
             Phase::Starting { since, cell } if since.elapsed() >= idle => {
                 cell.close();
                 true
+            }
+            Phase::Failed { since, .. } if since.elapsed() >= idle => {
+                // Old news: a later request tries for itself.
+                st.phase = Phase::Off;
+                return false;
             }
             _ => false,
         };
@@ -303,10 +317,10 @@ impl Preconnect {
         self.lock().map(|st| !st.master_done).unwrap_or(false)
     }
 
-    /// Whether an unclaimed master is waiting.
+    /// Whether an unclaimed master is waiting (or an unclaimed failure is kept).
     pub fn pending(&self) -> bool {
         self.lock()
-            .map(|st| matches!(st.phase, Phase::Starting { .. }))
+            .map(|st| matches!(st.phase, Phase::Starting { .. } | Phase::Failed { .. }))
             .unwrap_or(false)
     }
 
@@ -404,6 +418,25 @@ mod tests {
             other => panic!("expected the failure, got {other:?}"),
         }
         assert!(matches!(p.claim(), Claim::Nothing));
+    }
+
+    #[test]
+    fn an_unclaimed_failure_is_forgotten_after_the_idle_time() {
+        let p = Preconnect::default();
+        assert!(p.begin(Arc::new(CredCell::default())));
+        assert_eq!(p.finished(Some(unreachable())), Outcome::Failed);
+        assert!(p.pending());
+        assert!(!p.drop_idle(IDLE));
+        assert!(matches!(p.claim(), Claim::Failed { .. }), "still fresh");
+        let p = Preconnect::default();
+        assert!(p.begin(Arc::new(CredCell::default())));
+        assert_eq!(p.finished(Some(unreachable())), Outcome::Failed);
+        p.drop_idle(Duration::ZERO);
+        assert!(!p.pending());
+        assert!(
+            matches!(p.claim(), Claim::Nothing),
+            "old news: connect as usual"
+        );
     }
 
     #[test]

@@ -14,7 +14,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import threading
@@ -308,37 +307,6 @@ def test_an_unreachable_target_is_named_not_addressed(world, audit_mark):
 # ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def target_max_startups(world, target, value):
-    """Runs the target's sshd with ``MaxStartups value`` (reloaded with SIGHUP: sshd re-executes
-    itself with the same pid); restores its configuration afterwards, whatever happens."""
-    import socket
-
-    config = world.targets[target].dir / "sshd_config"
-    original = config.read_text()
-    t = world.targets[target]
-
-    def reload():
-        world.daemons[f"sshd-{target}"].process.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
-
-        def banner():
-            try:
-                with socket.create_connection((t.address, t.port), timeout=1) as s:
-                    return s.recv(64).startswith(b"SSH-2.0-")
-            except OSError:
-                return False
-        world.wait_for(banner, timeout=10, what=f"sshd-{target} after reload")
-
-    config.write_text(f"MaxStartups {value}\n" + original)
-    try:
-        reload()
-        yield t
-    finally:
-        config.write_text(original)
-        reload()
-
-
 def test_a_target_that_turns_connections_away_before_its_banner_is_tried_again(world, audit_mark):
     """sshd's MaxStartups drops new connections before the SSH banner while too many are
     starting: nothing was sent, so the broker tries again (jittered, doubling pauses) instead
@@ -346,7 +314,7 @@ def test_a_target_that_turns_connections_away_before_its_banner_is_tried_again(w
     0.6 s; the login still works, with one KMS fetch."""
     import socket
 
-    with target_max_startups(world, LOGIN_TARGET, "1") as t:
+    with world.target_sshd_with(LOGIN_TARGET, "MaxStartups 1\n") as t:
         def take_the_slot():
             # The reload's own probe may still hold the slot for a moment.
             s = socket.create_connection((t.address, t.port), timeout=5)

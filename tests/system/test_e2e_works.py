@@ -223,10 +223,22 @@ def test_first_request_rides_the_connection_prepared_at_login(world, audit_mark)
     assert [e["result"] for e in world.audit_since(audit_mark) if e.get("event") == "preconnect"] == ["used", "used"]
 
 
+def test_the_targets_pre_login_banner_still_reaches_the_engineer(world):
+    """A legal-warning ``Banner`` of the target is shown before the session, as plain ssh
+    shows it, although the prepared connection authenticated without a terminal."""
+    t = world.targets["web-01"]
+    banner = t.dir / "banner.txt"
+    banner.write_text("AUTHORIZED USE ONLY: activity on web-01 is recorded\n")
+    with world.target_sshd_with("web-01", f"Banner {banner}\n"):
+        r = world.ssh(world.login("alice", "web-01"), "echo session")
+    assert (r.returncode, r.stdout) == (0, "session\n"), r.stderr
+    assert "AUTHORIZED USE ONLY: activity on web-01 is recorded" in r.stderr
+
+
 def test_a_prepared_connection_nobody_uses_is_closed(world, audit_mark):
     """A login that never asks for a session (``ssh -N``) leaves the prepared connection
     waiting for a credential it never gets (nothing is fetched): the broker closes it after
-    15 s and says so."""
+    5 s and says so."""
     before = world.kms_stats().get("GetSecretValue", 0)
     login = world.login("alice", "web-02")
     idle = subprocess.Popen(world.ssh_argv(login, extra_opts=["-N"]), env=world.client_env(),

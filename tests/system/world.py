@@ -865,6 +865,35 @@ class World:
                 pass
         return out
 
+    @contextlib.contextmanager
+    def target_sshd_with(self, target: str, lines: str):
+        """Runs the target's sshd with ``lines`` put in front of its configuration (reloaded
+        with SIGHUP: sshd re-executes itself with the same pid); restores the configuration
+        afterwards, whatever happens. Yields the :class:`Target`."""
+        t = self.targets[target]
+        config = t.dir / "sshd_config"
+        original = config.read_text()
+
+        def reload():
+            self.daemons[f"sshd-{target}"].process.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+
+            def banner():
+                try:
+                    with socket.create_connection((t.address, t.port), timeout=1) as s:
+                        return s.recv(64).startswith(b"SSH-2.0-")
+                except OSError:
+                    return False
+            self.wait_for(banner, timeout=10, what=f"sshd-{target} after reload")
+
+        config.write_text(lines + original)
+        try:
+            reload()
+            yield t
+        finally:
+            config.write_text(original)
+            reload()
+
     def kms_stats(self) -> dict:
         """The emulator's call counters per action (``{"GetSecretValue": 3, ...}``)."""
         return self.kms.stats().get("calls", {})
