@@ -1129,7 +1129,7 @@ fn use_prepared(
             rejected_log(cx, SecretStage::Current, &version_id);
             onward_connection(cx, &[SecretStage::Previous], vec![version_id], None, end)
         }
-        Ready::Failed(OnwardError::Unreachable { detail, .. }) => {
+        Ready::Failed(OnwardError::Unreachable { detail, .. }) if was_connected(&detail) => {
             // The connection was there, waiting for this credential: the target (or a NAT)
             // may have given up on it meanwhile. A connection of our own tells.
             pre.release(patience);
@@ -1154,6 +1154,17 @@ fn use_prepared(
             own(end)
         }
     }
+}
+
+/// Whether ssh's failure line says the connection had been made (and was then lost), as
+/// opposed to never made (refused, timed out, no route, no address): only a lost one is worth
+/// a connection of the request's own; a target that cannot be reached is reported at once.
+fn was_connected(detail: &str) -> bool {
+    let l = detail.trim_start_matches("ssh: ");
+    !(l.starts_with("connect to host ")
+        || l.starts_with("Could not resolve hostname ")
+        || l.starts_with("Connection timed out during banner exchange")
+        || (l.starts_with("Connection to ") && l.ends_with(" timed out")))
 }
 
 fn rejected_log(cx: &RequestContext<'_>, stage: SecretStage, version_id: &str) {
@@ -1479,6 +1490,27 @@ mod tests {
         mk(41, 42, "a");
         mk(42, 41, "b");
         assert!(!descends_from(41, 500, ppid));
+    }
+
+    #[test]
+    fn only_a_connection_that_was_made_is_worth_a_second_try() {
+        for never in [
+            "ssh: connect to host 10.0.0.9 port 22: Connection refused",
+            "connect to host 10.0.0.9 port 22: Connection timed out",
+            "ssh: Could not resolve hostname web-09.internal: Name or service not known",
+            "Connection timed out during banner exchange",
+            "Connection to 10.0.0.9 port 22 timed out",
+        ] {
+            assert!(!was_connected(never), "{never}");
+        }
+        for lost in [
+            "Connection closed by 10.0.0.9 port 22",
+            "Connection reset by 10.0.0.9 port 22",
+            "ssh ended with status 255 before authenticating",
+            "Received disconnect from 10.0.0.9 port 22:2: Too many authentication failures",
+        ] {
+            assert!(was_connected(lost), "{lost}");
+        }
     }
 
     #[test]
