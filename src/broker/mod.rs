@@ -118,6 +118,12 @@ pub const NO_BANNER_RETRIES: u32 = 4;
 /// The first pause of [`NO_BANNER_RETRIES`].
 pub const NO_BANNER_PAUSE: Duration = Duration::from_millis(150);
 
+/// At most this many prepared connections wait unclaimed for one target host at a time, jump
+/// host wide (each holds a startup slot of the target's sshd, whose default `MaxStartups`
+/// starts refusing at 10): an engineer opening logins that never ask for a session cannot
+/// crowd the target out. Logins beyond it simply connect when their request comes.
+pub const PRECONNECT_SLOTS_PER_HOST: usize = 8;
+
 /// Mode of `runtime_dir/s-*`: root-owned, traversable so the engineer can reach its socket.
 pub const SESSION_DIR_MODE: u32 = 0o711;
 
@@ -265,6 +271,9 @@ struct Broker {
     rate: Mutex<RateLimiter>,
     /// The connection prepared for the first request.
     pre: Arc<Preconnect>,
+    /// This login's slot among the host's [`PRECONNECT_SLOTS_PER_HOST`] (a `flock`ed file
+    /// under `runtime_dir/preconnect/`), held while the prepared connection waits unclaimed.
+    pre_slot: Mutex<Option<OwnedFd>>,
 }
 
 /// The broker's entry point (argv without argv\[0\]); returns the exit status.
@@ -391,6 +400,7 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
 
     let (session_dir, listener, socket) =
         session_directory(&cfg.bastion.runtime_dir, &svc, engineer_uid)?;
+    let pre_slot = preconnect_slot(&cfg.bastion.runtime_dir, &host.name);
     let cleanup_err = |e: String| {
         let _ = fs::remove_dir_all(&session_dir);
         e
@@ -418,6 +428,7 @@ fn start(args: BrokerArgs) -> Result<(Broker, UnixListener, PathBuf, PathBuf), S
         children: Mutex::new(Vec::new()),
         rate: Mutex::new(RateLimiter::new(RATE_LIMIT, RATE_WINDOW)),
         pre: Arc::new(Preconnect::default()),
+        pre_slot: Mutex::new(pre_slot),
     };
     Ok((broker, listener, session_dir, socket))
 }
@@ -574,6 +585,60 @@ fn session_directory(
         return Err(fail(os_err("giving the socket to the engineer")));
     }
     Ok((session_dir, listener, socket))
+}
+
+/// A free slot for a prepared connection to `host`: one of [`PRECONNECT_SLOTS_PER_HOST`]
+/// files `runtime/preconnect/<host>.<n>` (directory root 0700, made here as root), locked with
+/// `flock` so the kernel frees it when the holder exits, whatever way. `None`: all taken, or
+/// the directory is not as it must be (then nothing is prepared; logins work as before).
+fn preconnect_slot(runtime: &Path, host: &str) -> Option<OwnedFd> {
+    let rt = open_dir_at(None, &c_path(runtime).ok()?).ok()?;
+    // SAFETY: mkdirat with a directory descriptor we own and a NUL-terminated name.
+    let made = unsafe { libc::mkdirat(rt.as_raw_fd(), c"preconnect".as_ptr(), 0o700) };
+    if made != 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::AlreadyExists {
+        return None;
+    }
+    let dir = open_dir_at(Some(&rt), c"preconnect").ok()?;
+    let st = fstat(&dir).ok()?;
+    if st.st_uid != 0 || st.st_mode & 0o077 != 0 {
+        audit::send_syslog(
+            4,
+            &format!(
+                "broker: {}/preconnect must be root's, mode 0700; not preparing connections",
+                runtime.display()
+            ),
+        );
+        return None;
+    }
+    for n in 0..PRECONNECT_SLOTS_PER_HOST {
+        let name = CString::new(format!("{host}.{n}")).ok()?;
+        // SAFETY: openat in the root-only directory we own, never following a symlink.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: flock on that descriptor.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Some(fd);
+        }
+    }
+    audit::send_syslog(
+        6,
+        &format!(
+            "broker: {PRECONNECT_SLOTS_PER_HOST} prepared connections to {host} already wait; \
+             this login connects when its request comes"
+        ),
+    );
+    None
 }
 
 /// Lock the memory mapped so far as it is touched (best effort, while still root so the
@@ -758,6 +823,13 @@ impl Broker {
             account: account.name.clone(),
             host: self.host.name.clone(),
             secret: account.secret.clone(),
+        }
+    }
+
+    /// Give back this login's prepared-connection slot (claimed, or over).
+    fn release_pre_slot(&self) {
+        if let Ok(mut s) = self.pre_slot.lock() {
+            s.take();
         }
     }
 
@@ -971,6 +1043,10 @@ fn handle_connection(broker: &Arc<Broker>, stream: UnixStream) {
         broker.pre.discard();
         Claim::Nothing
     };
+    if matches!(claim, Claim::Connecting { .. }) {
+        // No longer waiting unclaimed: let another login prepare one.
+        broker.release_pre_slot();
+    }
 
     let started = Instant::now();
     let mut start = broker.event("connect-start");
@@ -1240,11 +1316,17 @@ fn start_preconnect(broker: &Arc<Broker>) {
     // The control socket must fit in a socket address; a host without pinned keys is the
     // request's to report.
     let probe = broker.private.join("r-0123456789abcdef").join("c");
-    if probe.as_os_str().len() > onward::MAX_CONTROL_PATH || broker.host.host_keys.is_empty() {
+    let no_slot = broker.pre_slot.lock().map(|s| s.is_none()).unwrap_or(true);
+    if probe.as_os_str().len() > onward::MAX_CONTROL_PATH
+        || broker.host.host_keys.is_empty()
+        || no_slot
+    {
+        broker.release_pre_slot();
         return;
     }
     let cell = Arc::new(CredCell::default());
     if !broker.pre.begin(Arc::clone(&cell)) {
+        broker.release_pre_slot();
         return;
     }
     let master = Arc::clone(&broker.pre.master);
@@ -1254,6 +1336,7 @@ fn start_preconnect(broker: &Arc<Broker>) {
     let b = Arc::clone(broker);
     if let Err(e) = spawn_with_stack(REQUEST_STACK, move || run_preconnect(&b, cell)) {
         broker.pre.finished(None);
+        broker.release_pre_slot();
         if let Ok(mut c) = broker.children.lock() {
             c.retain(|s| !Arc::ptr_eq(s, &master));
         }
@@ -1323,6 +1406,7 @@ fn run_preconnect(broker: &Arc<Broker>, cell: Arc<CredCell>) {
     };
     let detail = error.as_ref().map(log_detail);
     let result = broker.pre.finished(error);
+    broker.release_pre_slot();
     if let Ok(mut c) = broker.children.lock() {
         c.retain(|s| !Arc::ptr_eq(s, &master));
     }

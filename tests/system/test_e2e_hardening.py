@@ -339,3 +339,32 @@ def test_a_target_that_turns_connections_away_before_its_banner_is_tried_again(w
     assert gets(world) - before == 1
     log = (world.log_dir / "syslog.log").read_text()
     assert re.search(r"root@web-01: the target dropped the connection before its SSH banner .*; trying again in \d+ ms", log), log[-3000:]
+
+
+def test_prepared_connections_per_target_are_capped(world, audit_mark):
+    """Logins that never ask for a session (``ssh -N``) cannot crowd a target's sshd with
+    waiting connections: at most 8 prepared connections per host wait at a time, jump host
+    wide; the ninth login prepares nothing (it would connect when asked), and once they are
+    gone the next login prepares one again."""
+    login = world.login("alice", "web-02")
+    procs = [subprocess.Popen(world.ssh_argv(login, extra_opts=["-N"]), env=world.client_env(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for _ in range(9)]
+    try:
+        def unused():
+            return [e for e in world.audit_since(audit_mark) if e.get("event") == "preconnect"]
+        world.wait_for(lambda: len(unused()) >= 8, timeout=40, what="the idle prepared connections to close")
+        time.sleep(1)
+        assert [e["result"] for e in unused()] == ["unused"] * 8
+        log = (world.log_dir / "syslog.log").read_text()
+        assert "8 prepared connections to web-02 already wait; this login connects when its request comes" in log
+        assert all(p.poll() is None for p in procs), "the engineers' own connections stay up"
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=15)
+    mark = world.audit_mark()
+    r = world.ssh(login, "echo again")
+    assert (r.returncode, r.stdout) == (0, "again\n"), r.stderr
+    assert [e["result"] for e in world.audit_since(mark) if e.get("event") == "preconnect"] == ["used"]
