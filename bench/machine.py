@@ -44,7 +44,9 @@ def details(repo: Path) -> dict:
     except ValueError:
         mem = "unknown"
     commit = _cmd("git", "-C", str(repo), "rev-parse", "--short", "HEAD")
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+    # RESULTS.md itself (rewritten by the previous run) does not count as a change to the code.
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no",
+                            "--", ".", ":(exclude)bench/RESULTS.md"],
                            capture_output=True, text=True).stdout.strip()
     return {
         "nproc": str(os.cpu_count()),
