@@ -621,16 +621,7 @@ unsafe fn sweeper_child(life_r: RawFd, dir: &CStr) -> ! {
             libc::dup2(devnull, 2);
         }
         close_fds_except(&[life_r]);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        let mut sig = 1;
-        while sig < 65 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-            sig += 1;
-        }
+        default_signals();
         let mut buf = [0u8; 64];
         loop {
             let n = libc::read(life_r, buf.as_mut_ptr().cast(), buf.len());
@@ -642,6 +633,26 @@ unsafe fn sweeper_child(life_r: RawFd, dir: &CStr) -> ! {
         // remove_dir_all never follows symlinks (it works through directory descriptors).
         let _ = std::fs::remove_dir_all(path);
         libc::_exit(0)
+    }
+}
+
+/// In a forked child: unblock every signal and restore every default disposition (sshd's
+/// must not leak). Async-signal-safe.
+///
+/// # Safety
+/// Only in the child of `fork`, before it execs or exits.
+unsafe fn default_signals() {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let mut sig = 1;
+        while sig < 65 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            sig += 1;
+        }
     }
 }
 
@@ -667,16 +678,7 @@ unsafe fn exec_broker_child(
         // Close everything else sshd had open (sockets, host keys, the monitor pipes).
         close_fds_except(keep);
         // sshd's signal dispositions and mask must not leak into the broker.
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        let mut sig = 1;
-        while sig < 65 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-            sig += 1;
-        }
+        default_signals();
         libc::setsid();
         libc::execve(program, argv.as_ptr(), envp.as_ptr());
         libc::_exit(127)

@@ -577,6 +577,23 @@ pub struct ChildSlot {
 }
 
 impl ChildSlot {
+    /// Start `cmd` as this slot's process, unless a hangup came first (`None`). The pid is
+    /// recorded under the lock, so a signal sent meanwhile waits for it.
+    pub fn spawn(&self, cmd: &mut Command) -> Option<std::io::Result<std::process::Child>> {
+        let mut guard = match self.pid.lock() {
+            Ok(g) => g,
+            Err(_) => return Some(Err(std::io::Error::other("child slot poisoned"))),
+        };
+        if self.cancelled.load(Ordering::Acquire) {
+            return None;
+        }
+        let child = cmd.spawn();
+        if let Ok(c) = &child {
+            *guard = Some(i32::try_from(c.id()).unwrap_or(0));
+        }
+        Some(child)
+    }
+
     /// Send `sig` to the running ssh, if any.
     pub fn signal(&self, sig: libc::c_int) {
         if let Ok(guard) = self.pid.lock() {
@@ -1018,14 +1035,7 @@ pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
             return Attempt::Failed(OnwardError::Refused(e));
         }
     };
-    let mut cmd = Command::new(cx.ssh);
-    cmd.args(&args)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", cx.dir)
-        .env("LANG", "C.UTF-8")
-        .env("TERM", validated_term(term))
-        .current_dir(cx.dir);
+    let mut cmd = ssh_command(cx.ssh, &args, cx.dir, term);
     if matches!(auth, AuthOptions::Password | AuthOptions::Either { .. }) {
         cmd.env("SSH_ASKPASS", cx.askpass_program)
             .env("SSH_ASKPASS_REQUIRE", "force")
@@ -1104,21 +1114,10 @@ pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
         }
     };
 
-    let started = {
-        match cx.slot.pid.lock() {
-            Err(_) => Some(Err(std::io::Error::other("child slot poisoned"))),
-            Ok(_) if cx.slot.cancelled.load(Ordering::Acquire) => None,
-            Ok(mut guard) => match cmd.spawn() {
-                Ok(child) => {
-                    let pid = i32::try_from(child.id()).unwrap_or(0);
-                    ssh_pid.store(pid, Ordering::Release);
-                    *guard = Some(pid);
-                    Some(Ok(child))
-                }
-                Err(e) => Some(Err(e)),
-            },
-        }
-    };
+    let started = cx.slot.spawn(&mut cmd);
+    if let Some(Ok(child)) = &started {
+        ssh_pid.store(i32::try_from(child.id()).unwrap_or(0), Ordering::Release);
+    }
     drop(cmd);
     let status = match started {
         None => {
@@ -1184,6 +1183,19 @@ pub fn attempt(cx: &AttemptContext<'_>, supply: Supply) -> Attempt {
             Attempt::Failed(error)
         }
     }
+}
+
+/// An ssh command line with a clean environment, run in `dir` (its `HOME`).
+fn ssh_command(ssh: &Path, args: &[OsString], dir: &Path, term: Option<&str>) -> Command {
+    let mut cmd = Command::new(ssh);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir)
+        .env("LANG", "C.UTF-8")
+        .env("TERM", validated_term(term))
+        .current_dir(dir);
+    cmd
 }
 
 /// The engineer's stdin, stdout and stderr (duplicated) as the child's.
@@ -1272,34 +1284,15 @@ pub fn run_mux(cx: &MuxContext<'_>) -> Result<u8, OnwardError> {
         cx.control, &log, cx.request, cx.account, cx.address, cx.port,
     )
     .map_err(OnwardError::Refused)?;
-    let mut cmd = Command::new(cx.ssh);
-    cmd.args(&args)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", cx.dir)
-        .env("LANG", "C.UTF-8")
-        .env("TERM", validated_term(cx.request.term.as_deref()))
-        .current_dir(cx.dir);
+    let mut cmd = ssh_command(cx.ssh, &args, cx.dir, cx.request.term.as_deref());
     engineer_stdio(&mut cmd, cx.fds)
         .map_err(|e| internal("duplicating the session descriptors", &e))?;
     tie_to_broker(&mut cmd);
-    let started = {
-        let mut guard = cx
-            .slot
-            .pid
-            .lock()
-            .map_err(|_| internal("child slot", &"poisoned"))?;
-        if cx.slot.cancelled.load(Ordering::Acquire) {
-            return Err(OnwardError::Refused("hung up before the connection".into()));
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| internal(&format!("running {}", cx.ssh.display()), &e))?;
-        *guard = Some(i32::try_from(child.id()).unwrap_or(0));
-        child
+    let mut child = match cx.slot.spawn(&mut cmd) {
+        None => return Err(OnwardError::Refused("hung up before the connection".into())),
+        Some(r) => r.map_err(|e| internal(&format!("running {}", cx.ssh.display()), &e))?,
     };
     drop(cmd);
-    let mut child = started;
     let status = reap(&mut child, cx.slot).map_err(|e| internal("waiting for ssh", &e))?;
     let code = exit_code(status);
     if code == 255 {
